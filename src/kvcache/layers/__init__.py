@@ -1,0 +1,1 @@
+"""Per-layer K/V storage: where and how one layer's keys and values are kept."""

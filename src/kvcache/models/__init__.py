@@ -1,0 +1,1 @@
+"""Models: the bundled default model and loading by name or path."""

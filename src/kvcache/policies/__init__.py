@@ -1,0 +1,1 @@
+"""Retention policies: which tokens of the cache to keep."""
