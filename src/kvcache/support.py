@@ -1,0 +1,273 @@
+"""What this build of kvcache supports: every cache-spec name with its parameters, and the architectures.
+
+This is the single source of truth for ``kvcache.spec`` (validation, defaults), ``kvcache info`` and
+``docs/spec.md`` (a test checks the docs against :func:`describe_kinds`). A later release that builds a
+layout or policy flips its ``available`` flag here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+KINDS: tuple[str, ...] = ("layout", "precision", "placement", "policy")
+
+#: Architectures whose PyTorch generation is tested against a no-cache recompute (tiny random models).
+#: Any Hugging Face decoder whose attention goes through transformers' attention interface should work.
+TESTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox")
+ARCHITECTURE_NOTE = (
+    "PyTorch generation: any Hugging Face decoder whose attention goes through transformers' "
+    "attention interface; tested on the architectures listed."
+)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One ``key=value`` parameter of a spec part.
+
+    ``type`` is ``"int"``, ``"float"`` or ``"range"`` (two floats written ``START-END``). ``check`` tells
+    whether a typed value is allowed; ``constraint`` says the same in words for error messages and docs.
+    """
+
+    name: str
+    type: Literal["int", "float", "range"]
+    default: Any
+    constraint: str
+    check: Callable[[Any], bool]
+    description: str
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    """A spec name: its kind, parameters, a one-line description and whether it is built yet."""
+
+    name: str
+    kind: str
+    description: str
+    params: tuple[ParamInfo, ...] = ()
+    available: bool = False
+    #: cross-parameter check on the filled-in parameters; raises ValueError
+    validate: Callable[[dict[str, Any]], None] | None = None
+
+
+def fmt_float(x: float) -> str:
+    """Shortest round-tripping text of ``x``, never in exponent form ("1e-05" is ambiguous in ranges)."""
+    return np.format_float_positional(x, trim="0", unique=True)
+
+
+def format_value(param: ParamInfo, value: Any) -> str:
+    """The canonical text of a parameter value (as it appears after ``key=``)."""
+    if param.type == "int":
+        return str(value)
+    if param.type == "float":
+        return fmt_float(value)
+    return f"{fmt_float(value[0])}-{fmt_float(value[1])}"
+
+
+def _power_of_two(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+_BUDGET = ParamInfo(
+    "budget",
+    "float",
+    0.5,
+    "a fraction in (0, 1]",
+    lambda v: 0 < v <= 1,
+    "tokens kept, as a fraction of the prompt length (give budget or tokens, not both)",
+)
+_TOKENS = ParamInfo(
+    "tokens",
+    "int",
+    None,
+    "a whole number >= 1",
+    lambda v: v >= 1,
+    "tokens kept, as an absolute cap (replaces budget)",
+)
+
+
+def _window(default: float) -> ParamInfo:
+    return ParamInfo(
+        "window",
+        "float",
+        default,
+        "a fraction in [0, 1)",
+        lambda v: 0 <= v < 1,
+        "share of the kept tokens reserved for the most recent ones",
+    )
+
+
+def _check_streaming(params: dict[str, Any]) -> None:
+    if params["tokens"] is not None and params["sinks"] >= params["tokens"]:
+        raise ValueError(
+            f"sinks={params['sinks']} leaves no room for recent tokens under tokens={params['tokens']}; "
+            "use fewer sinks or a larger tokens cap"
+        )
+
+
+_POLICY_BUDGET = (_BUDGET, _TOKENS)
+
+_KIND_LIST: tuple[KindInfo, ...] = (
+    KindInfo("dynamic", "layout", "growable full-precision store (the default)", available=True),
+    KindInfo(
+        "static",
+        "layout",
+        "preallocated fixed-capacity store, torch.compile-friendly",
+        (
+            ParamInfo(
+                "capacity",
+                "int",
+                None,
+                "a whole number >= 1",
+                lambda v: v >= 1,
+                "slots per layer; unset = max_cache_len given when the cache is built",
+            ),
+        ),
+        available=True,
+    ),
+    KindInfo(
+        "quantized",
+        "precision",
+        "group quantization of keys (per channel) and values (per token)",
+        (
+            ParamInfo("bits", "int", 4, "2, 4 or 8", lambda v: v in (2, 4, 8), "bits per stored value"),
+            ParamInfo(
+                "group",
+                "int",
+                64,
+                "a power of two >= 1",
+                _power_of_two,
+                "values sharing one scale and zero point",
+            ),
+            ParamInfo(
+                "residual",
+                "int",
+                128,
+                "a whole number >= 0",
+                lambda v: v >= 0,
+                "most recent tokens kept in full precision before quantization",
+            ),
+        ),
+    ),
+    KindInfo("offload", "placement", "keep K/V in host memory, prefetch the next layer ahead of use"),
+    KindInfo("full", "policy", "keep every token (the default)", available=True),
+    KindInfo(
+        "keyformer",
+        "policy",
+        "key tokens by a Gumbel-regularised accumulated attention score + recent window",
+        (
+            *_POLICY_BUDGET,
+            _window(0.3),
+            ParamInfo(
+                "tau",
+                "range",
+                (1.0, 2.0),
+                "numbers > 0, START-END or one value",
+                lambda v: v[0] > 0 and v[1] > 0,
+                "Gumbel-softmax temperature, from tau_init at the prompt to tau_end at the last new token",
+            ),
+        ),
+    ),
+    KindInfo(
+        "h2o",
+        "policy",
+        "heavy hitters (accumulated attention) + recent window",
+        (*_POLICY_BUDGET, _window(0.1)),
+    ),
+    KindInfo(
+        "streaming",
+        "policy",
+        "StreamingLLM: first sink tokens + recent window",
+        (
+            *_POLICY_BUDGET,
+            ParamInfo(
+                "sinks",
+                "int",
+                4,
+                "a whole number >= 0",
+                lambda v: v >= 0,
+                "first tokens always kept (attention sinks)",
+            ),
+        ),
+        validate=_check_streaming,
+    ),
+    KindInfo(
+        "snapkv",
+        "policy",
+        "SnapKV: attention of the last prompt queries, pooled, picks tokens per head",
+        (
+            *_POLICY_BUDGET,
+            ParamInfo(
+                "observe",
+                "int",
+                32,
+                "a whole number >= 1",
+                lambda v: v >= 1,
+                "last prompt queries whose attention selects the tokens",
+            ),
+        ),
+    ),
+    KindInfo("tova", "policy", "TOVA: evict the token the current query attends to least", _POLICY_BUDGET),
+    KindInfo("knorm", "policy", "keep the tokens whose keys have the lowest norm", _POLICY_BUDGET),
+)
+
+REGISTRY: Mapping[str, KindInfo] = {k.name: k for k in _KIND_LIST}
+
+#: Shorthand name -> (canonical name, parameters it fixes).
+SHORTHANDS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    "int2": ("quantized", {"bits": 2}),
+    "int4": ("quantized", {"bits": 4}),
+    "int8": ("quantized", {"bits": 8}),
+}
+
+#: Hugging Face ``cache_implementation`` names -> (canonical name, extra canonical parts it implies).
+#: ``dynamic``, ``static`` and ``quantized`` are canonical names already. Parameters written after an alias
+#: go to the first part (``offloaded_static:capacity=4096``).
+ALIASES: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "offloaded": ("offload", ()),
+    "offloaded_static": ("static", ("offload",)),
+}
+
+
+def describe_kinds() -> list[dict[str, Any]]:
+    """Everything ``kvcache info`` shows, JSON-ready: one dict per name, in registry order.
+
+    Returns
+    -------
+    list of dict
+        Keys: ``name``, ``kind``, ``description``, ``available`` (bool), ``params`` (list of dicts with
+        ``name``, ``type``, ``default`` (JSON value, ``None`` when unset), ``default_text``, ``constraint``,
+        ``description``) and ``aliases`` (other names that select it).
+    """
+    aliases: dict[str, list[str]] = {}
+    for short, (canonical, _) in SHORTHANDS.items():
+        aliases.setdefault(canonical, []).append(short)
+    for alias, (canonical, _) in ALIASES.items():
+        aliases.setdefault(canonical, []).append(alias)
+    out = []
+    for info in _KIND_LIST:
+        params = [
+            {
+                "name": p.name,
+                "type": p.type,
+                "default": list(p.default) if isinstance(p.default, tuple) else p.default,
+                "default_text": "unset" if p.default is None else format_value(p, p.default),
+                "constraint": p.constraint,
+                "description": p.description,
+            }
+            for p in info.params
+        ]
+        out.append(
+            {
+                "name": info.name,
+                "kind": info.kind,
+                "description": info.description,
+                "available": info.available,
+                "params": params,
+                "aliases": aliases.get(info.name, []),
+            }
+        )
+    return out
