@@ -356,9 +356,9 @@ class CacheSpec:
                 ) from None
             for part in parts:
                 if part.kind in found:
-                    first = found[part.kind][0]
+                    first, plural = found[part.kind][0], _PLURAL[part.kind]
                     raise SpecError(
-                        f"invalid cache spec {text!r}: two {_PLURAL[part.kind]}, {first!r} and {raw.strip()!r}; "
+                        f"invalid cache spec {text!r}: two {plural}, {first!r} and {raw.strip()!r}; "
                         f"a spec has at most one {part.kind} ({_names_of(part.kind)})",
                         raw.strip(),
                     )
