@@ -16,6 +16,21 @@ app = typer.Typer(
 app.add_typer(onnx_app, name="onnx")
 
 
+@app.command()
+def info(
+    json_output: bool = typer.Option(False, "--json", help="Print one machine-readable JSON object."),
+) -> None:
+    """Show cache layouts, precisions, placements and policies (parameters, defaults, availability)."""
+    import json
+
+    from kvcache.support import info_dict, print_info
+
+    if json_output:
+        typer.echo(json.dumps(info_dict(), indent=2))
+    else:
+        print_info()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

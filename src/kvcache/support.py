@@ -271,3 +271,49 @@ def describe_kinds() -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _expansion(canonical: str, extra: tuple[str, ...]) -> str:
+    return "+".join((canonical, *extra))
+
+
+def info_dict() -> dict[str, Any]:
+    """What ``kvcache info --json`` prints: spec names and parameters, aliases and supported architectures."""
+    return {
+        "spec_grammar": 'SPEC := PART ("+" PART)*, at most one part of each kind; '
+        'PART := NAME [":" KEY "=" VALUE ("," KEY "=" VALUE)*]',
+        "kinds": describe_kinds(),
+        "shorthands": {
+            short: f"{canonical}:" + ",".join(f"{k}={v}" for k, v in fixed.items())
+            for short, (canonical, fixed) in SHORTHANDS.items()
+        },
+        "aliases": {a: _expansion(c, extra) for a, (c, extra) in ALIASES.items()},
+        "architectures": {"pytorch": {"tested": list(TESTED_ARCHITECTURES), "note": ARCHITECTURE_NOTE}},
+    }
+
+
+def print_info(console: Any | None = None) -> None:
+    """Print :func:`info_dict` as rich tables: one per kind, then aliases and architectures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    data = info_dict()
+    for kind in KINDS:
+        table = Table(title=f"{kind}s" if kind != "policy" else "policies", title_justify="left")
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("parameters (default)")
+        table.add_column("description")
+        table.add_column("available", no_wrap=True)
+        for k in data["kinds"]:
+            if k["kind"] != kind:
+                continue
+            # Ranges are left to --json and docs/spec.md so the table fits a terminal.
+            params = "\n".join(f"{p['name']}={p['default_text']}" for p in k["params"])
+            table.add_row(k["name"], params or "-", k["description"], "yes" if k["available"] else "not yet")
+        console.print(table)
+    aliases = ", ".join(f"{a} = {e}" for a, e in {**data["shorthands"], **data["aliases"]}.items())
+    console.print(f"[bold]shorthands and aliases:[/bold] {aliases}")
+    arch = data["architectures"]["pytorch"]
+    console.print(f"[bold]architectures:[/bold] {arch['note']}")
+    console.print(f"  tested: {', '.join(arch['tested'])}")
