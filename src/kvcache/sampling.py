@@ -1,0 +1,92 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Everything stays on the logits' device; nothing here synchronises with the host, so the decode loop can
+sample without a device round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Next-token selection settings.
+
+    Parameters
+    ----------
+    temperature:
+        0 for greedy decoding (argmax; ``top_k``/``top_p`` are then ignored), otherwise the softmax
+        temperature (> 0).
+    top_k:
+        Keep only the ``top_k`` most likely tokens before sampling (``None``: all).
+    top_p:
+        Keep the smallest set of most likely tokens whose probability mass reaches ``top_p``, in (0, 1]
+        (``None`` or 1: all).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether selection is deterministic argmax."""
+        return self.temperature == 0.0
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pick one token per row.
+
+        Parameters
+        ----------
+        logits:
+            ``(B, V)`` next-token logits.
+        generator:
+            Random generator on ``logits.device`` for reproducible sampling (``None``: torch's global RNG).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` int64 token ids, on ``logits.device``.
+        """
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        # Sample in float32: half-precision softmax over large vocabularies loses the tail.
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            scores = _top_p_filter(scores, self.top_p)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) every token outside the nucleus of mass ``top_p``; ``scores`` is ``(B, V)``."""
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    # A token is dropped when the mass *before* it already reaches top_p, so the most likely token always
+    # stays and the kept set is the smallest one whose mass reaches top_p.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (``None`` when no seed is given)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
