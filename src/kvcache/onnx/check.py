@@ -1,0 +1,226 @@
+"""Does a with-past graph compute what the original no-cache graph computes? (``kvcache onnx check``)
+
+Both graphs run on ONNX Runtime with the same random tokens. The original sees the whole sequence at once;
+the graph under test sees a multi-token prefill and then one token per step, its past fed back from its own
+``present`` outputs (plain numpy, no kvcache layers, so only the graph is under test). Its logits at every
+step must equal the original's at the same positions. Batch 2 by default, with left padding in the second
+row, because padding is where cache injections usually go wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kvcache.errors import KVCacheError
+from kvcache.onnx import names
+from kvcache.onnx.session import GraphSignature, resolve_graph
+
+
+@dataclass(frozen=True)
+class StepComparison:
+    """Logits of one step of the graph under test against the original's.
+
+    Attributes
+    ----------
+    step:
+        0 for the prefill, then 1, 2, ... for single-token steps.
+    tokens:
+        Tokens fed in this step.
+    max_abs:
+        Largest absolute logit difference over the real (non-padding) positions.
+    max_rel:
+        ``max_abs`` divided by the largest absolute reference logit at those positions (a norm-wise
+        relative error: element-wise ratios explode on logits near zero).
+    problem:
+        A shape or contract problem found at this step (then the step fails whatever the errors), or ``""``.
+    """
+
+    step: int
+    tokens: int
+    max_abs: float
+    max_rel: float
+    problem: str = ""
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_graph`; ``ok`` when every step is within ``tol``."""
+
+    original: str
+    tested: str
+    batch: int
+    tol: float
+    steps: list[StepComparison] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every step matched (relative error <= ``tol`` and no shape problem)."""
+        return bool(self.steps) and all(not s.problem and s.max_rel <= self.tol for s in self.steps)
+
+    def format(self) -> str:
+        """A plain-text table, one line per step, then the verdict."""
+        lines = [f"original: {self.original}",
+                 f"tested:   {self.tested}  (batch {self.batch}, tol {self.tol:g})",
+                 f"{'step':>4} {'tokens':>6} {'max abs err':>12} {'max rel err':>12}  result"]
+        for s in self.steps:
+            verdict = s.problem or ("ok" if s.max_rel <= self.tol else "MISMATCH")
+            lines.append(f"{s.step:>4} {s.tokens:>6} {s.max_abs:>12.3e} {s.max_rel:>12.3e}  {verdict}")
+        lines.append("PASS" if self.ok else "FAIL: the graph's step logits differ from the original's")
+        return "\n".join(lines)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's own exception types; surface them as a user-facing error
+        raise KVCacheError(f"ONNX Runtime could not load {path}: {exc}") from exc
+
+
+def _original_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return path / "model.onnx"
+        raise KVCacheError(f"{path} has no model.onnx; pass the original .onnx file itself")
+    if not path.is_file():
+        raise KVCacheError(f"{path} does not exist")
+    return path
+
+
+def _positions(mask: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Hugging Face's positions: real tokens seen before each one, padding gets 1."""
+    pos = seen[:, None] + np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def check_graph(
+    original: str | Path,
+    tested: str | Path,
+    *,
+    batch: int = 2,
+    prefill: int = 5,
+    steps: int = 4,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> CheckReport:
+    """Compare a with-past graph's step-by-step logits to the original no-cache graph's.
+
+    Parameters
+    ----------
+    original:
+        The no-cache graph (``.onnx`` or a directory holding ``model.onnx``): inputs ``input_ids``,
+        ``attention_mask`` (and ``position_ids`` if it uses them), output ``logits`` ``[batch, seq, vocab]``.
+    tested:
+        The injected (or natively exported with-past) graph, or its directory.
+    batch:
+        Rows; every row after the first is left-padded by one more token than the previous (up to
+        ``prefill - 1``).
+    prefill:
+        Tokens in the first (multi-token) step.
+    steps:
+        Single-token steps after the prefill.
+    tol:
+        Largest accepted relative error (see :class:`StepComparison`).
+    seed:
+        Seed of the random tokens.
+
+    Raises
+    ------
+    ValueError, KVCacheError
+        Bad arguments, or a graph that does not load or does not follow the contract.
+    """
+    if batch < 1 or prefill < 1 or steps < 0:
+        raise ValueError(f"need batch >= 1, prefill >= 1 and steps >= 0; got {batch}, {prefill}, {steps}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    orig_path = _original_path(original)
+    tested_path, _ = resolve_graph(tested)
+    ref_sess, sess = _session(orig_path), _session(tested_path)
+    ref_inputs = {i.name for i in ref_sess.get_inputs()}
+    if any(names.is_cache_input(n) for n in ref_inputs):
+        raise KVCacheError(f"{orig_path} already takes a KV cache; pass the original no-cache graph first")
+    sig = GraphSignature.from_session(sess, source=str(tested_path))
+    total = prefill + steps
+    rng = np.random.default_rng(seed)
+
+    # Learn the vocabulary from one tiny run when the graph does not declare it.
+    vocab = sig.vocab_size or int(_run_reference(ref_sess, ref_inputs, np.zeros((1, 1), np.int64),
+                                                 np.ones((1, 1), np.int64)).shape[-1])
+    ids = rng.integers(0, vocab, size=(batch, total), dtype=np.int64)
+    mask = np.ones((batch, total), np.int64)
+    for row in range(1, batch):
+        mask[row, : min(row, prefill - 1)] = 0
+    reference = _run_reference(ref_sess, ref_inputs, ids, mask)
+
+    report = CheckReport(original=str(orig_path), tested=str(tested_path), batch=batch, tol=tol)
+    cache_dtype = np.float16 if sig.dtype.itemsize == 2 else np.float32
+    heads, dim = sig.num_kv_heads, sig.head_dim
+    past: list[np.ndarray] | None = None
+    seen = np.zeros(batch, np.int64)
+    bounds = [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]
+    for step, (start, end) in enumerate(bounds):
+        cur_mask = mask[:, start:end]
+        feeds: dict[str, np.ndarray] = {
+            names.INPUT_IDS: ids[:, start:end],
+            names.ATTENTION_MASK: mask[:, :end],
+        }
+        if sig.has_position_ids:
+            feeds[names.POSITION_IDS] = _positions(cur_mask, seen)
+        seen = seen + cur_mask.sum(axis=1)
+        for i in range(sig.num_layers):
+            for j, name in enumerate((names.past_key(i), names.past_value(i))):
+                if past is None:
+                    if heads is None or dim is None:
+                        raise KVCacheError(f"{tested_path} declares neither the KV head count nor the head "
+                                           "size of its cache inputs; cannot build the empty first past")
+                    feeds[name] = np.zeros((batch, heads, 0, dim), cache_dtype)
+                else:
+                    feeds[name] = past[2 * i + j]
+        out_names = [names.LOGITS] + [n for i in range(sig.num_layers)
+                                      for n in (names.present_key(i), names.present_value(i))]
+        logits, *presents = sess.run(out_names, feeds)
+        problem = _shape_problem(presents, batch, end, heads, dim)
+        past = presents
+        real = cur_mask.astype(bool)
+        got, want = logits[real].astype(np.float64), reference[:, start:end][real].astype(np.float64)
+        if got.shape != want.shape:
+            problem = problem or f"logits shape {logits.shape} != {(batch, end - start, vocab)}"
+            max_abs = max_rel = float("inf")
+        else:
+            max_abs = float(np.max(np.abs(got - want))) if got.size else 0.0
+            max_rel = max_abs / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
+            if not np.isfinite(max_abs):
+                max_abs = max_rel = float("inf")
+        report.steps.append(StepComparison(step, end - start, max_abs, max_rel, problem))
+    return report
+
+
+def _run_reference(sess: ort.InferenceSession, inputs: set[str], ids: np.ndarray,
+                   mask: np.ndarray) -> np.ndarray:
+    """The original graph's ``(B, T, V)`` logits for the whole sequence."""
+    feeds = {names.INPUT_IDS: ids}
+    if names.ATTENTION_MASK in inputs:
+        feeds[names.ATTENTION_MASK] = mask
+    if names.POSITION_IDS in inputs:
+        feeds[names.POSITION_IDS] = _positions(mask, np.zeros(ids.shape[0], np.int64))
+    unknown = inputs - set(feeds)
+    if unknown:
+        listed = ", ".join(sorted(unknown))
+        raise KVCacheError(f"the original graph has inputs the check cannot feed: {listed}; "
+                           "it should take input_ids, attention_mask and optionally position_ids")
+    return sess.run([names.LOGITS], feeds)[0]
+
+
+def _shape_problem(presents: list[np.ndarray], batch: int, total: int, heads: int | None,
+                   dim: int | None) -> str:
+    """Describe the first present output whose shape breaks ``[batch, heads, total, dim]``."""
+    for idx, p in enumerate(presents):
+        layer, kind = divmod(idx, 2)
+        want = (batch, heads or p.shape[1], total, dim or p.shape[3])
+        if p.ndim != 4 or tuple(p.shape) != want:
+            return f"present.{layer}.{('key', 'value')[kind]} has shape {tuple(p.shape)}, expected {want}"
+    return ""

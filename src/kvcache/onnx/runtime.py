@@ -1,0 +1,269 @@
+"""Text generation on ONNX Runtime with the KV cache managed on the host by kvcache's own layers.
+
+The graph (injected, or exported natively with past/present) computes one step; everything around it lives
+here: chunked prefill then single-token decode, left-padded batches, sampling and stopping (the helpers of
+the PyTorch path), and the cache — a :class:`kvcache.cache.KVCache` built from the same spec string as on
+PyTorch, whose layers receive each step's new keys/values (``present[..., -S:, :]``) through ``update`` and
+give the next step its past. So a static layout, its capacity limit and later retention policies behave
+the same on both runtimes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from kvcache.cache import KVCache, model_cache_shape
+from kvcache.errors import CacheCapacityError, KVCacheError
+
+# the PyTorch loop's bookkeeping, shared so both runtimes stop and report identically
+from kvcache.generation import GenerationResult, GenerationStats, _finish_all, _record
+from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
+from kvcache.sampling import Sampler, make_generator
+from kvcache.spec import CacheSpec
+from kvcache.stopping import StopChecker
+
+
+class OnnxGenerator:
+    """Generate text with a with-past decoder graph on ONNX Runtime.
+
+    Parameters
+    ----------
+    model:
+        A directory holding the graph, ``config.json`` and the tokenizer files (as ``kvcache onnx export``
+        writes it), or the ``.onnx`` file itself (config and tokenizer are read from its directory).
+    cache:
+        Cache spec (``"dynamic"``, ``"static:capacity=512"``, ...), see :mod:`kvcache.spec`.
+    providers:
+        ORT execution providers (default: CPU).
+    threads:
+        Intra-op threads for ORT (default: ORT's choice).
+    tokenizer, config:
+        Use these instead of the ones saved beside the graph.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        cache: str | CacheSpec = "dynamic",
+        providers: list[str] | None = None,
+        *,
+        threads: int | None = None,
+        session_options: ort.SessionOptions | None = None,
+        tokenizer: Any = None,
+        config: PretrainedConfig | None = None,
+    ) -> None:
+        graph, directory = resolve_graph(model)
+        if config is None:
+            if not (directory / "config.json").is_file():
+                raise KVCacheError(f"{directory} has no config.json; export with `kvcache onnx export` "
+                                   "(it copies the config beside the graph) or pass config=")
+            config = AutoConfig.from_pretrained(directory)
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
+        self.spec = CacheSpec.parse(cache)
+        self.spec.require_available()
+        self.decoder = DecoderSession(graph, providers=providers, threads=threads,
+                                      session_options=session_options)
+        self.graph_path = graph
+
+    # ----- one step ---------------------------------------------------------------------------------
+    def _empty_past(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(B, H_kv, 0, D)`` keys/values per layer for the first step; geometry from the graph or config."""
+        sig = self.decoder.signature
+        _, kv_heads, head_dims = model_cache_shape(self.config)
+        past = []
+        for i in range(sig.num_layers):
+            empty = torch.empty(batch, sig.num_kv_heads or kv_heads[i], 0, sig.head_dim or head_dims[i],
+                                dtype=sig.dtype)
+            past.append((empty, empty))
+        return past
+
+    def step(self, cache: KVCache, input_ids: torch.Tensor, past_mask: torch.Tensor,
+             current_mask: torch.Tensor, position_ids: torch.Tensor) -> StepOutput:
+        """Run the graph on the current tokens against the host cache and store their keys/values.
+
+        Parameters
+        ----------
+        cache:
+            The host cache; its layers receive the new ``(B, H_kv, S, D)`` keys/values.
+        input_ids:
+            ``(B, S)`` current tokens.
+        past_mask:
+            ``(B, T_phys)`` int64 validity of the cached slots (1 real token, 0 padding).
+        current_mask:
+            ``(B, S)`` int64 validity of the current tokens.
+        position_ids:
+            ``(B, S)`` logical positions of the current tokens.
+
+        Returns
+        -------
+        StepOutput
+            ``logits`` ``(B, S, V)``, the presents and any attention statistics.
+        """
+        batch, seq = input_ids.shape
+        stores = cache.stores
+        stored = [store.keys_values() for store in stores]
+        past = self._empty_past(batch) if stored[0] is None else stored
+        if past[0][0].shape[2] != past_mask.shape[1]:
+            raise KVCacheError(f"past_mask covers {past_mask.shape[1]} slots but the cache holds "
+                               f"{past[0][0].shape[2]}; pass one column per held slot")
+        out = self.decoder.run(input_ids, torch.cat([past_mask, current_mask], dim=1), position_ids, past)
+        for store, (k, v) in zip(stores, out.presents, strict=True):
+            store.update(k[:, :, -seq:, :], v[:, :, -seq:, :])
+        return out
+
+    # ----- generation -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | list[str],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        eos_token_id: int | list[int] | None = None,
+        prefill_chunk_size: int = 512,
+    ) -> GenerationResult:
+        """Generate a continuation of each prompt.
+
+        Prompts of different lengths are left-padded into one batch. The prompt runs in chunks of
+        ``prefill_chunk_size`` tokens, then one token per step. Parameters and result are those of
+        :func:`kvcache.generation.generate`.
+
+        Raises
+        ------
+        CacheCapacityError
+            When a static layout cannot hold the prompt.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        checker = StopChecker(self.tokenizer, self._eos_ids(eos_token_id), stops)
+        input_ids, prompt_mask = self._left_pad(texts)
+        batch, prompt_len = input_ids.shape
+
+        spec = self.spec
+        cache = KVCache.from_spec(spec, self.config, batch_size=batch,
+                                  max_cache_len=prompt_len + max_new_tokens, device="cpu",
+                                  dtype=self.decoder.signature.dtype)
+        capacities = [c for c in (store.max_capacity for store in cache.stores) if c is not None]
+        capacity = min(capacities) if capacities else None
+        if capacity is not None and prompt_len > capacity:
+            raise CacheCapacityError(
+                f"the prompt needs {prompt_len} cache slots (longest prompt, left padding included) but the "
+                f"cache '{spec}' holds {capacity}; raise static:capacity or shorten the prompt"
+            )
+        # Slot validity for every slot the run can fill: the prompt's mask, then one column per new token.
+        # Slots are filled in order (no retention policy evicts yet), so slot i holds token i.
+        slot_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
+        seen = torch.zeros(batch, dtype=torch.int64)  # real tokens seen per row: the logical length
+
+        def run(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            """Feed ``tokens`` into slots ``start:start+S``; return the last position's ``(B, V)`` logits."""
+            mask = slot_mask[:, start : start + tokens.shape[1]]
+            positions = (seen[:, None] + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            seen.add_(mask.sum(-1))
+            return self.step(cache, tokens, slot_mask[:, :start], mask, positions).logits[:, -1, :]
+
+        generator = make_generator(seed, torch.device("cpu"))
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finish: list[str | None] = [None] * batch
+        pad_id = self._pad_id()
+        start = time.perf_counter()
+        for lo in range(0, prompt_len, prefill_chunk_size):
+            last = run(input_ids[:, lo : lo + prefill_chunk_size], lo)
+        next_tokens = sampler(last, generator)
+        _record(next_tokens.tolist(), generated, finish, checker)
+        peak = cache.nbytes()
+        prefill_end = time.perf_counter()
+
+        alive = torch.tensor([f is None for f in finish])
+        steps = 0
+        while steps + 1 < max_new_tokens and any(f is None for f in finish):
+            if capacity is not None and cache.physical_length() >= capacity:
+                _finish_all(finish, "capacity")
+                break
+            # Finished rows keep feeding the pad token so the batch stays rectangular.
+            step_input = torch.where(alive, next_tokens, pad_id)[:, None]
+            next_tokens = sampler(run(step_input, prompt_len + steps), generator)
+            steps += 1
+            done = _record(next_tokens.tolist(), generated, finish, checker)
+            if done:
+                alive[done] = False
+            peak = max(peak, cache.nbytes())
+        _finish_all(finish, "length")
+        end = time.perf_counter()
+
+        reasons = [f or "length" for f in finish]
+        prompt_tokens = int(prompt_mask.sum())
+        new_tokens = sum(len(g) for g in generated)
+        decode_tokens = new_tokens - batch  # each row's first token comes from the prefill
+        prefill_s, decode_s = prefill_end - start, end - prefill_end
+        stats = GenerationStats(
+            batch_size=batch,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            prefill_seconds=prefill_s,
+            decode_seconds=decode_s,
+            prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens_per_s=decode_tokens / decode_s if decode_s > 0 and decode_tokens > 0 else 0.0,
+            decode_steps=steps,
+            cache_bytes=cache.nbytes(),
+            peak_cache_bytes=peak,
+        )
+        texts = [checker.text(g, r) for g, r in zip(generated, reasons, strict=True)]
+        return GenerationResult(texts=texts, token_ids=generated, finish_reasons=reasons, stats=stats,
+                                cache=str(spec))
+
+    def _left_pad(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and left-pad: ``(B, T)`` int64 input ids and ``(B, T)`` int64 attention mask."""
+        encoded = [list(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty after tokenization; give at least one token of text")
+        vocab = self.decoder.signature.vocab_size or getattr(self.config, "vocab_size", None)
+        largest = max(max(ids) for ids in encoded)
+        if vocab is not None and largest >= vocab:
+            raise ValueError(f"the tokenizer produced token id {largest} but the graph's vocabulary has "
+                             f"{vocab} entries; use the tokenizer that belongs to this model")
+        width = max(len(ids) for ids in encoded)
+        # Pad ids under a zero mask never influence real tokens; 0 is a valid embedding row for any model.
+        input_ids = torch.zeros(len(encoded), width, dtype=torch.int64)
+        mask = torch.zeros(len(encoded), width, dtype=torch.int64)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.int64)
+            mask[row, width - len(ids):] = 1
+        return input_ids, mask
+
+    def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
+        """End-of-sequence ids: the argument, else the config's, else the tokenizer's (as on PyTorch)."""
+        candidates: Any = eos_token_id
+        if candidates is None:
+            candidates = getattr(self.config, "eos_token_id", None)
+        if candidates is None:
+            candidates = getattr(self.tokenizer, "eos_token_id", None)
+        if candidates is None:
+            return []
+        return [int(candidates)] if isinstance(candidates, int) else [int(c) for c in candidates]
+
+    def _pad_id(self) -> int:
+        """The token fed to finished rows: the tokenizer's or config's pad token, else 0."""
+        for candidate in (getattr(self.tokenizer, "pad_token_id", None),
+                          getattr(self.config, "pad_token_id", None)):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
