@@ -1,0 +1,299 @@
+"""``KVCache``: a ``transformers`` ``Cache`` made of kvcache's per-layer stores.
+
+Each model layer gets one :class:`~kvcache.layers.base.CacheLayer` (the storage) wrapped in a small adapter
+that speaks transformers' ``CacheLayerMixin`` protocol, so ``model.generate(..., past_key_values=cache)``,
+the mask builders (``get_mask_sizes``), beam search (``reorder_cache``, ``batch_repeat_interleave``),
+``batch_select_indices``, ``crop`` and ``torch.compile`` (``is_compileable``) all work unchanged.
+
+The adapter translates two things and nothing else: transformers' length (the *logical* length, tokens
+seen, used for positions) versus the mask size (the *physical* length, slots held, plus the new tokens), and
+transformers' ``crop(-n)`` convention versus the layer's ``crop(length)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.configuration_utils import get_head_shapes
+
+from kvcache.errors import KVCacheError, UnsupportedSpecError
+from kvcache.layers.base import CacheLayer
+from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.spec import CacheSpec
+
+__all__ = ["KVCache", "HFCacheLayer", "model_cache_shape"]
+
+#: Layer types (transformers' ``config.layer_types``) a KVCache can hold. Sliding-window layers keep every
+#: token (the mask applies the window), which is correct, only not memory-optimal.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+#: Key under which the attention function (``kvcache.attention``) finds the cache's attention observer in
+#: its keyword arguments. The cache puts it there from ``update`` (see :meth:`KVCache.update`).
+OBSERVER_KWARG = "kvcache_observer"
+
+
+class HFCacheLayer(CacheLayerMixin):
+    """Adapter: one kvcache :class:`CacheLayer` seen through transformers' ``CacheLayerMixin`` protocol.
+
+    Parameters
+    ----------
+    store:
+        The layer storage. Reachable as ``.store``; everything kvcache-specific (``keep``, ``seen``,
+        ``physical_length``, ``nbytes``) is asked of it directly.
+    """
+
+    is_croppable = True
+    is_sliding = False  # every layer keeps all tokens it is given (a policy may evict, a window never)
+
+    def __init__(self, store: CacheLayer) -> None:
+        # CacheLayerMixin.__init__ is not called: it would assign ``keys``/``values``, which are views of
+        # the store here, not attributes.
+        self.store = store
+        self.is_initialized = True  # stores allocate on their own; nothing for early_initialization to do
+
+    def __repr__(self) -> str:
+        store = self.store
+        return f"HFCacheLayer({type(store).__name__}, seen={store.seen}, held={store.physical_length})"
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        # Only fixed-size stores keep tensor shapes and addresses constant from step to step.
+        return self.store.max_capacity is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        kv = self.store.keys_values()
+        return None if kv is None else kv[0]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        kv = self.store.keys_values()
+        return None if kv is None else kv[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.store.batch_size
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: stores allocate on their first update (or at construction for static ones)."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.update(key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)``: the slots the next attention sees — physical, not logical."""
+        capacity = self.store.max_capacity
+        if capacity is not None:
+            return capacity, 0
+        return self.store.physical_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (logical length): positions continue from here even after eviction."""
+        return self.store.seen
+
+    def get_max_length(self) -> int:
+        capacity = self.store.max_capacity
+        return -1 if capacity is None else capacity
+
+    def offload(self) -> None:
+        """No-op: placement is a kvcache layer of its own (``offload``), not a Cache-level switch."""
+
+    def prefetch(self) -> None:
+        """No-op, see :meth:`offload`."""
+
+    def reset(self) -> None:
+        self.store.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.store.physical_length:
+            self.store.reorder(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' convention: ``crop(-n)`` removes the last ``n`` tokens."""
+        if tokens_to_remove > 0:
+            raise KVCacheError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, e.g. crop(-2)"
+            )
+        if tokens_to_remove < 0:
+            self.store.crop(max(0, self.store.physical_length + tokens_to_remove))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store.physical_length:
+            self.store.repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.store.physical_length:
+            return
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(-1)
+        self.store.index_batch(indices)
+
+
+class KVCache(Cache):
+    """A ``transformers.Cache`` whose per-layer storage is kvcache's :class:`CacheLayer` objects.
+
+    Build one with :meth:`from_spec`. Pass it as ``past_key_values=`` to ``model.generate`` or to a forward
+    call; it fills in place.
+
+    Parameters
+    ----------
+    stores:
+        One storage object per model layer.
+    spec:
+        The spec the stores were built from (kept for reporting).
+
+    Attributes
+    ----------
+    layers:
+        ``list[HFCacheLayer]``, one per model layer; ``layers[i].store`` is the :class:`CacheLayer`.
+    spec:
+        The :class:`~kvcache.spec.CacheSpec` of this cache.
+    observer:
+        ``None``, or a callable ``observer(layer_idx, logits, weights)`` that receives every layer's masked
+        attention logits and softmax weights ``(B, H, T_q, T_phys)`` from the kvcache attention function
+        (``kvcache.enable(model)``), in the same pass that computes attention. Retention policies that score
+        tokens by attention plug in here.
+    """
+
+    def __init__(self, stores: Sequence[CacheLayer], spec: str | CacheSpec = "dynamic") -> None:
+        if not stores:
+            raise KVCacheError("a KVCache needs at least one layer store")
+        super().__init__(layers=[HFCacheLayer(s) for s in stores])
+        self.spec = CacheSpec.parse(spec)
+        self.observer: Any = None
+
+    # ----- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str | CacheSpec,
+        config: PretrainedConfig,
+        *,
+        batch_size: int = 1,
+        max_cache_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """Build the cache a spec describes for a model with ``config``.
+
+        Parameters
+        ----------
+        spec:
+            A spec string (``"dynamic"``, ``"static:capacity=4096"``, ...) or a :class:`CacheSpec`.
+        config:
+            The model's config (``model.config``); layer count, KV heads and head dim are read from its
+            text/decoder part.
+        batch_size:
+            Sequences per batch (times beams for beam search), for preallocated layouts.
+        max_cache_len:
+            Capacity of a ``static`` layout given without ``capacity=N`` (prompt + new tokens).
+        device, dtype:
+            Of preallocated buffers (default: CPU, the config's dtype or float32). A mismatch with the model
+            is fixed by a re-allocation on the first update; pass them to avoid it.
+
+        Raises
+        ------
+        UnsupportedSpecError
+            If the spec names a part not built in this version, or the model has layer types kvcache cannot
+            hold (e.g. linear attention).
+        KVCacheError
+            If a ``static`` layout has neither ``capacity`` nor ``max_cache_len``.
+        """
+        spec = CacheSpec.parse(spec)
+        spec.require_available()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise KVCacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        num_layers, num_kv_heads, head_dims = model_cache_shape(config)
+        if spec.layout.name == "static":
+            capacity = spec.layout.params.get("capacity") or max_cache_len
+            if capacity is None:
+                raise KVCacheError(
+                    "a static cache needs a capacity: write 'static:capacity=N' or pass max_cache_len=N "
+                    "(prompt length + new tokens)"
+                )
+            dtype = dtype or _config_dtype(config)
+            stores: list[CacheLayer] = [
+                StaticLayer(capacity, batch_size, num_kv_heads[i], head_dims[i], dtype, device)
+                for i in range(num_layers)
+            ]
+        else:
+            stores = [DynamicLayer() for _ in range(num_layers)]
+        return cls(stores, spec)
+
+    # ----- the Cache protocol ------------------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``(B, H_kv, T_new, D)`` keys/values of ``layer_idx``; return what attention sees.
+
+        Models call ``cache.update(k, v, layer_idx, kwargs=attention_kwargs)`` and then pass the same
+        ``attention_kwargs`` to the attention function; when an :attr:`observer` is set, it is handed over
+        that way (under ``OBSERVER_KWARG``), so attention statistics flow through arguments only.
+        """
+        attention_kwargs = kwargs.get("kwargs")
+        if self.observer is not None and isinstance(attention_kwargs, dict):
+            attention_kwargs[OBSERVER_KWARG] = self.observer
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    # ----- kvcache additions -------------------------------------------------------------------------
+    @property
+    def stores(self) -> list[CacheLayer]:
+        """The per-layer :class:`CacheLayer` objects."""
+        return [layer.store for layer in self.layers]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen by ``layer_idx`` (logical length; positions continue from it)."""
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].store.seen
+
+    def physical_length(self, layer_idx: int = 0) -> int:
+        """Slots ``layer_idx`` holds now (tokens kept)."""
+        return self.layers[layer_idx].store.physical_length
+
+    def nbytes(self) -> int:
+        """Bytes of K/V memory all layers hold now (allocated, preallocated slack included)."""
+        return sum(layer.store.nbytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return f"KVCache({str(self.spec)!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
+
+
+def model_cache_shape(config: PretrainedConfig) -> tuple[int, list[int], list[int]]:
+    """``(num_layers, kv_heads per layer, head_dim per layer)`` of a model's KV cache.
+
+    Uses transformers' own helpers on the text/decoder config, so config names of every architecture
+    (``n_layer``/``n_head`` of GPT-2, ``num_key_value_heads`` of GQA models, explicit ``head_dim``) resolve
+    the way the model itself resolves them.
+
+    Raises
+    ------
+    UnsupportedSpecError
+        If a layer is not an attention layer kvcache can hold.
+    """
+    text = config.get_text_config(decoder=True)
+    layer_types, _ = get_layer_types_and_kwargs(text)
+    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+    if unsupported:
+        raise UnsupportedSpecError(
+            f"{type(config).__name__} has layer types {', '.join(unsupported)}, which kvcache cannot cache "
+            f"yet; supported: {', '.join(SUPPORTED_LAYER_TYPES)}"
+        )
+    heads, dims = get_head_shapes(text)
+    n = len(layer_types)
+    heads_list = list(heads) if isinstance(heads, list) else [heads] * n
+    dims_list = list(dims) if isinstance(dims, list) else [dims] * n
+    return n, heads_list, dims_list
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(config.get_text_config(decoder=True), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -1,0 +1,308 @@
+"""Full-precision K/V stores: a growable one (``dynamic``) and a preallocated one (``static``).
+
+Both keep the one layout of :mod:`kvcache.layers.base`, ``(B, H_kv, T, D)``, and are plain torch: the same
+classes serve the PyTorch path (wrapped by :class:`kvcache.cache.KVCache`) and the ONNX Runtime path (host
+tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcache.errors import CacheCapacityError, KVCacheError
+from kvcache.layers.base import CacheLayer
+
+__all__ = ["DynamicLayer", "StaticLayer"]
+
+
+def _check_kv(key: torch.Tensor, value: torch.Tensor) -> None:
+    if key.dim() != 4 or value.dim() != 4 or key.shape[:3] != value.shape[:3]:
+        raise KVCacheError(
+            "keys and values must be (B, H_kv, T, D) with the same B, H_kv and T; "
+            f"got keys {tuple(key.shape)} and values {tuple(value.shape)}"
+        )
+
+
+def _layout(key: torch.Tensor, value: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, H_kv, D_k, D_v): everything but the time axis."""
+    return key.shape[0], key.shape[1], key.shape[3], value.shape[3]
+
+
+class DynamicLayer(CacheLayer):
+    """A growable store: keeps every token it is given, in a buffer that grows geometrically.
+
+    ``torch.cat`` on every step (what ``transformers.DynamicCache`` does) copies the whole cache per token, an
+    O(T) cost per step. Instead the buffer keeps spare slots and a step writes only the new tokens into them;
+    when the spare slots run out it grows by a quarter (at least ``min_growth`` slots), so copying is
+    amortised to O(1) per token while the slack stays under a fifth of the buffer (plus ``min_growth``).
+    ``update`` returns views of the filled part, so attention sees exactly ``physical_length`` slots.
+
+    Parameters
+    ----------
+    min_growth:
+        The fewest slots added when the buffer grows (avoids many small re-allocations on short contexts).
+
+    Notes
+    -----
+    Writes go into the buffer in place: do not run the prefill under ``torch.inference_mode`` and the decode
+    steps outside it (inference tensors cannot be modified outside inference mode); ``torch.no_grad`` is fine.
+    """
+
+    def __init__(self, min_growth: int = 128) -> None:
+        super().__init__()
+        if min_growth < 1:
+            raise ValueError(f"min_growth must be >= 1, got {min_growth}")
+        self.min_growth = min_growth
+        self._keys: torch.Tensor | None = None  # (B, H_kv, capacity, D)
+        self._values: torch.Tensor | None = None
+        self._length = 0  # filled slots (physical length)
+
+    # ----- storage ------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Slots allocated now (filled + spare)."""
+        return 0 if self._keys is None else self._keys.shape[2]
+
+    def _grow(self, key: torch.Tensor, value: torch.Tensor, needed: int) -> None:
+        """Re-allocate to hold at least ``needed`` slots, copying the filled part."""
+        # A quarter of headroom once decoding outgrows the buffer (amortised O(1) copies per token, slack
+        # under 20%); just ``min_growth`` slots on a fresh buffer, as most generations are short.
+        headroom = self.min_growth if not self._length else max(self.min_growth, needed // 4)
+        new_capacity = needed + headroom
+        b, h, _, dk = key.shape
+        dv = value.shape[-1]
+        new_k = key.new_empty((b, h, new_capacity, dk))
+        new_v = value.new_empty((b, h, new_capacity, dv))
+        if self._keys is not None and self._values is not None and self._length:
+            new_k[:, :, : self._length].copy_(self._keys[:, :, : self._length])
+            new_v[:, :, : self._length].copy_(self._values[:, :, : self._length])
+        self._keys, self._values = new_k, new_v
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H_kv, T_new, D)`` keys/values; return views ``(B, H_kv, T_phys, D)`` of all tokens."""
+        _check_kv(key, value)
+        end = self._length + key.shape[2]
+        keys, values = self._keys, self._values
+        if keys is None or values is None or not self._length:
+            # Empty: (re)allocate for this batch, with room to decode without re-allocating soon.
+            self._length = 0
+            self._grow(key, value, end)
+        elif _layout(keys, values) != _layout(key, value):
+            raise KVCacheError(
+                f"new keys {tuple(key.shape)} / values {tuple(value.shape)} do not match the cached "
+                f"{tuple(keys.shape)} / {tuple(values.shape)} in (B, H_kv, *, D); "
+                "call reset() before a new batch"
+            )
+        elif end > keys.shape[2]:
+            self._grow(key, value, end)
+        keys, values = self._keys, self._values
+        if keys is None or values is None:  # unreachable: _grow allocated them; keeps type checkers honest
+            raise RuntimeError("DynamicLayer buffers missing after allocation")
+        keys[:, :, self._length : end].copy_(key)
+        values[:, :, self._length : end].copy_(value)
+        self.seen += end - self._length
+        self._length = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._keys is None or self._values is None or self._length == 0:
+            return None
+        return self._keys[:, :, : self._length], self._values[:, :, : self._length]
+
+    @property
+    def physical_length(self) -> int:
+        return self._length
+
+    def keep(self, indices: torch.Tensor) -> None:
+        kv = self.keys_values()
+        if kv is None:
+            raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
+        keys, values = kv
+        idx = _sorted_slot_indices(indices, keys.shape[0], keys.shape[1], self._length)
+        n = idx.shape[-1]
+        new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+        # The gathered tensors become the new buffers (capacity == n): evicting is for saving memory.
+        self._keys, self._values, self._length = new_k, new_v, n
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        if self._keys is None or self._values is None:
+            return
+        index = index.to(self._keys.device)
+        # Whole buffer, spare slots included: beam search reorders every step, and keeping the spare
+        # slots avoids a re-allocation on the very next update.
+        self._keys = self._keys.index_select(0, index)
+        self._values = self._values.index_select(0, index)
+
+    def crop(self, length: int) -> None:
+        if length < 0 or length > self._length:
+            raise KVCacheError(f"crop length must be in [0, {self._length}] (tokens held), got {length}")
+        if self.seen != self._length:
+            raise KVCacheError("crop() is only valid before any eviction (tokens seen != tokens held)")
+        self._length = length
+        self.seen = length
+
+    def nbytes(self) -> int:
+        if self._keys is None or self._values is None:
+            return 0
+        return self._keys.nbytes + self._values.nbytes
+
+    def reset(self) -> None:
+        # A growable store keeps nothing: the next prompt may have another batch size or length.
+        self._keys = self._values = None
+        self._length = 0
+        self.seen = 0
+
+
+class StaticLayer(CacheLayer):
+    """A preallocated store of ``capacity`` slots, written in place (``torch.compile``-friendly).
+
+    The buffers ``(B, H_kv, capacity, D)`` are allocated once; ``update`` writes the new tokens with
+    ``index_copy_`` at a position held in a 0-d device tensor, so a decode step has no host synchronisation
+    and keeps the buffer addresses fixed (CUDA graphs). ``update`` returns the whole buffers; slots past the
+    tokens held are masked by the causal mask (``KVCache.get_mask_sizes`` reports ``capacity``).
+
+    Parameters
+    ----------
+    capacity:
+        Slots per sequence. An update that would exceed it raises :class:`~kvcache.errors.CacheCapacityError`
+        before writing anything.
+    batch_size, num_kv_heads, head_dim:
+        Shape of the preallocated buffers.
+    dtype, device:
+        Of the buffers. If the first update of an empty layer brings another batch size, dtype or device
+        (e.g. beam search expands the batch), the buffers are allocated again to match, once.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("capacity", capacity), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise KVCacheError(f"StaticLayer {name} must be an integer >= 1, got {v!r}")
+        self.capacity = capacity
+        self._allocate(batch_size, num_kv_heads, head_dim, head_dim, dtype, torch.device(device or "cpu"))
+
+    def _allocate(self, b: int, h: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._keys = torch.zeros((b, h, self.capacity, dk), dtype=dtype, device=device)
+        self._values = torch.zeros((b, h, self.capacity, dv), dtype=dtype, device=device)
+        # Write position as a device tensor: the step computes its slots without reading a Python int that
+        # changes every step (which would make torch.compile recompile) and without a host sync.
+        self._write_pos = torch.zeros((), dtype=torch.long, device=device)
+        self._length = 0
+
+    @property
+    def max_capacity(self) -> int | None:
+        return self.capacity
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``(B, H_kv, T_new, D)`` keys/values; return the full ``(B, H_kv, capacity, D)`` buffers.
+
+        Raises
+        ------
+        CacheCapacityError
+            If ``T_new`` more tokens do not fit; nothing is written.
+        """
+        _check_kv(key, value)
+        t = key.shape[2]
+        if self._length + t > self.capacity:
+            raise CacheCapacityError(
+                f"static cache overflow: capacity is {self.capacity} tokens, {self._length} are held and "
+                f"{t} more were requested; use a larger capacity (static:capacity=N with "
+                f"N >= {self._length + t}) or the growable 'dynamic' layout"
+            )
+        k_buf, v_buf = self._keys, self._values
+        same_kind = (key.dtype, key.device) == (k_buf.dtype, k_buf.device)
+        if not same_kind or _layout(key, value) != _layout(k_buf, v_buf):
+            if self._length:
+                raise KVCacheError(
+                    f"new keys {tuple(key.shape)} {key.dtype} on {key.device} do not match the static "
+                    f"buffers {tuple(k_buf.shape)} {k_buf.dtype} on {k_buf.device}; "
+                    "call reset() before a new batch"
+                )
+            self._allocate(key.shape[0], key.shape[1], key.shape[3], value.shape[3], key.dtype, key.device)
+        positions = torch.arange(t, device=self._keys.device) + self._write_pos
+        self._keys.index_copy_(2, positions, key)
+        self._values.index_copy_(2, positions, value)
+        self._write_pos.add_(t)
+        self._length += t
+        self.seen += t
+        return self._keys, self._values
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._length == 0:
+            return None
+        return self._keys[:, :, : self._length], self._values[:, :, : self._length]
+
+    @property
+    def physical_length(self) -> int:
+        return self._length
+
+    @property
+    def batch_size(self) -> int:
+        return self._keys.shape[0]
+
+    def _device(self) -> torch.device:
+        return self._keys.device
+
+    def keep(self, indices: torch.Tensor) -> None:
+        if self._length == 0:
+            raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
+        keys, values = self._keys[:, :, : self._length], self._values[:, :, : self._length]
+        idx = _sorted_slot_indices(indices, keys.shape[0], keys.shape[1], self._length)
+        n = idx.shape[-1]
+        new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+        # Compact in place into the first n slots: the buffers keep their addresses.
+        self._keys[:, :, :n].copy_(new_k)
+        self._values[:, :, :n].copy_(new_v)
+        self._length = n
+        self._write_pos.fill_(n)
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        index = index.to(self._keys.device)
+        new_k = self._keys.index_select(0, index)
+        new_v = self._values.index_select(0, index)
+        if new_k.shape == self._keys.shape:
+            # Same batch size (beam reorder): copy back so the buffer addresses stay fixed.
+            self._keys.copy_(new_k)
+            self._values.copy_(new_v)
+        else:
+            self._keys, self._values = new_k, new_v
+
+    def crop(self, length: int) -> None:
+        if length < 0 or length > self._length:
+            raise KVCacheError(f"crop length must be in [0, {self._length}] (tokens held), got {length}")
+        if self.seen != self._length:
+            raise KVCacheError("crop() is only valid before any eviction (tokens seen != tokens held)")
+        self._length = length
+        self.seen = length
+        self._write_pos.fill_(length)
+
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._values.nbytes
+
+    def reset(self) -> None:
+        # Stale slots need no zeroing: the causal mask hides every slot past the tokens held.
+        self._length = 0
+        self.seen = 0
+        self._write_pos.zero_()
+
+
+def _sorted_slot_indices(indices: torch.Tensor, b: int, h: int, length: int) -> torch.Tensor:
+    """Validate ``(B, H_kv, n_keep)`` slot indices and return them sorted ascending (int64)."""
+    if indices.dim() != 3 or indices.shape[0] != b or indices.shape[1] != h:
+        raise KVCacheError(
+            f"keep() indices must be (B, H_kv, n_keep) = ({b}, {h}, n); got {tuple(indices.shape)}"
+        )
+    if indices.shape[2] > length:
+        raise KVCacheError(f"keep() asked for {indices.shape[2]} slots but the layer holds {length}")
+    return indices.to(torch.long).sort(dim=-1).values
