@@ -267,6 +267,8 @@ def _parse_part(raw: str) -> list[SpecPart]:
         raise ValueError(f"nothing after ':' in {part!r}; write {name!r} or {name}:KEY=VALUE")
     given: dict[str, str] = {}
     for item in rest.split(",") if colon else []:
+        if not item.strip():
+            raise ValueError("empty parameter (a stray ','); write KEY=VALUE pairs separated by ','")
         key, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not key or not value:
             raise ValueError(f"malformed parameter {item.strip()!r}: expected KEY=VALUE, e.g. budget=0.5")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
-
-import numpy as np
 
 KINDS: tuple[str, ...] = ("layout", "precision", "placement", "policy")
 
@@ -55,7 +54,10 @@ class KindInfo:
 
 def fmt_float(x: float) -> str:
     """Shortest round-tripping text of ``x``, never in exponent form ("1e-05" is ambiguous in ranges)."""
-    return np.format_float_positional(x, trim="0", unique=True)
+    text = repr(float(x))
+    if "e" in text:  # repr's digits are the shortest that round-trip; only the notation changes
+        text = format(Decimal(text), "f")
+    return text if "." in text else text + ".0"
 
 
 def format_value(param: ParamInfo, value: Any) -> str:
