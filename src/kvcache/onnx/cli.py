@@ -8,3 +8,67 @@ app = typer.Typer(
     help="Export decoders to ONNX, inject a KV cache into their graphs, check and run them on ONNX Runtime.",
     no_args_is_help=True,
 )
+
+
+@app.command()
+def check(
+    original: str = typer.Argument(..., help="The no-cache graph (.onnx, or a directory with model.onnx)."),
+    injected: str = typer.Argument(..., help="The injected (or with-past) graph, or its directory."),
+    batch: int = typer.Option(2, help="Rows; rows after the first are left-padded."),
+    prefill: int = typer.Option(5, help="Tokens of the first, multi-token step."),
+    steps: int = typer.Option(4, help="Single-token steps after the prefill."),
+    tol: float = typer.Option(1e-4, help="Largest accepted relative logit error."),
+    seed: int = typer.Option(0, help="Seed of the random tokens."),
+) -> None:
+    """Compare INJECTED's step-by-step logits to ORIGINAL's full-sequence logits; exit 1 on mismatch."""
+    from kvcache.errors import KVCacheError
+    from kvcache.onnx.check import check_graph
+
+    try:
+        report = check_graph(original, injected, batch=batch, prefill=prefill, steps=steps, tol=tol,
+                             seed=seed)
+    except (KVCacheError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(report.format())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("generate")
+def generate_cmd(
+    model_dir: str = typer.Argument(..., help="Directory with the graph, config.json and tokenizer."),
+    prompts: list[str] = typer.Argument(..., help="One or more prompts (several run as one batch)."),
+    cache: str = typer.Option("dynamic", "--cache", help="Cache spec, e.g. dynamic, static:capacity=512."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Upper bound on new tokens per prompt."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (texts, ids, stats)."),
+) -> None:
+    """Generate text with ONNX Runtime, the KV cache managed on the host by kvcache's layers."""
+    import dataclasses
+    import json
+
+    from kvcache.errors import KVCacheError
+    from kvcache.onnx.runtime import OnnxGenerator
+
+    try:
+        generator = OnnxGenerator(model_dir, cache=cache, threads=threads)
+        result = generator.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed, stop=stop or None)
+    except (KVCacheError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_output:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    for text, reason in zip(result.texts, result.finish_reasons, strict=True):
+        typer.echo(text)
+        typer.echo(f"[finish: {reason}]", err=True)
+    s = result.stats
+    typer.echo(f"[cache {result.cache}: prefill {s.prefill_tokens_per_s:.1f} tok/s, "
+               f"decode {s.decode_tokens_per_s:.1f} tok/s, cache {s.cache_bytes} bytes]", err=True)

@@ -1,0 +1,190 @@
+"""OnnxGenerator: generation on ONNX Runtime with the cache on the host, against the PyTorch path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvcache.cli import app
+from kvcache.errors import CacheCapacityError, KVCacheError
+from kvcache.generation import generate
+from kvcache.models.random import random_model
+from kvcache.models.tiny_tokenizer import tiny_tokenizer
+from kvcache.onnx import names
+from kvcache.onnx.export import export_model
+from kvcache.onnx.runtime import OnnxGenerator
+from kvcache.onnx.session import DecoderSession
+
+PROMPTS = ["Hello world, how are", "ab"]  # different lengths: the second row is left-padded
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer, tmp_path_factory):
+    """A tiny GQA llama (4 query heads, 2 KV heads) and its with-past graph directory."""
+    model = random_model("llama", seed=1, num_layers=2, hidden=64, num_heads=4, num_kv_heads=2)
+    out = tmp_path_factory.mktemp("llama")
+    export_model(model, out, tokenizer=tokenizer, with_cache=True)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def bloom(tokenizer, tmp_path_factory):
+    """ALiBi, no position_ids input: positions must come from the mask alone."""
+    model = random_model("bloom", seed=2)
+    out = tmp_path_factory.mktemp("bloom")
+    export_model(model, out, tokenizer=tokenizer, with_cache=True)
+    return model, out
+
+
+@pytest.mark.parametrize("spec", ["dynamic", "static", "static:capacity=64"])
+def test_greedy_batch_matches_pytorch(llama, tokenizer, spec):
+    model, graph_dir = llama
+    ours = OnnxGenerator(graph_dir, cache=spec).generate(PROMPTS, max_new_tokens=12, eos_token_id=[])
+    ref = generate(model, tokenizer, PROMPTS, cache=spec, max_new_tokens=12, eos_token_id=[])
+    assert ours.token_ids == ref.token_ids
+    assert ours.texts == ref.texts
+    assert ours.finish_reasons == ref.finish_reasons == ["length", "length"]
+    assert ours.cache == ref.cache
+    assert ours.stats.new_tokens == 24 and ours.stats.decode_steps == 11
+    assert ours.stats.prompt_tokens == ref.stats.prompt_tokens
+
+
+def test_alibi_model_without_position_ids(bloom, tokenizer):
+    model, graph_dir = bloom
+    gen = OnnxGenerator(graph_dir)
+    assert not gen.decoder.signature.has_position_ids
+    ours = gen.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])
+    ref = generate(model, tokenizer, PROMPTS, max_new_tokens=10, eos_token_id=[])
+    assert ours.token_ids == ref.token_ids
+
+
+def test_left_padded_row_equals_the_row_alone(llama):
+    gen = OnnxGenerator(llama[1])
+    batch = gen.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])
+    alone = gen.generate(PROMPTS[1], max_new_tokens=10, eos_token_id=[])
+    assert batch.token_ids[1] == alone.token_ids[0]
+
+
+def test_chunked_prefill_gives_the_same_tokens(llama):
+    gen = OnnxGenerator(llama[1])
+    whole = gen.generate(PROMPTS, max_new_tokens=8, eos_token_id=[])
+    chunked = gen.generate(PROMPTS, max_new_tokens=8, eos_token_id=[], prefill_chunk_size=3)
+    assert chunked.token_ids == whole.token_ids
+
+
+def test_static_capacity_ends_generation(llama, tokenizer):
+    model, graph_dir = llama
+    prompt_len = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+    spec = f"static:capacity={prompt_len + 4}"
+    ours = OnnxGenerator(graph_dir, cache=spec).generate(PROMPTS, max_new_tokens=20, eos_token_id=[])
+    # the prefill's token needs no slot; each later token needs the previous one stored: 4 slots, 5 tokens
+    assert ours.finish_reasons == ["capacity", "capacity"]
+    assert [len(t) for t in ours.token_ids] == [5, 5]
+    ref = generate(model, tokenizer, PROMPTS, cache=spec, max_new_tokens=20, eos_token_id=[])
+    assert ours.token_ids == ref.token_ids and ours.finish_reasons == ref.finish_reasons
+
+
+def test_prompt_over_static_capacity_is_a_clear_error(llama):
+    gen = OnnxGenerator(llama[1], cache="static:capacity=4")
+    with pytest.raises(CacheCapacityError, match="static:capacity"):
+        gen.generate(PROMPTS, max_new_tokens=4)
+
+
+def test_static_cache_holds_its_preallocated_bytes(llama):
+    result = OnnxGenerator(llama[1], cache="static:capacity=64").generate(PROMPTS, max_new_tokens=4)
+    # 2 layers x (K + V) x batch 2 x 2 KV heads (GQA kept) x 64 slots x head_dim 16 x 4 bytes
+    assert result.stats.cache_bytes == result.stats.peak_cache_bytes == 2 * 2 * 2 * 2 * 64 * 16 * 4
+
+
+def test_eos_and_stop_strings(llama):
+    gen = OnnxGenerator(llama[1])
+    free = gen.generate(PROMPTS[0], max_new_tokens=8, eos_token_id=[])
+    first, third = free.token_ids[0][0], free.token_ids[0][2]
+    eos = gen.generate(PROMPTS[0], max_new_tokens=8, eos_token_id=first)
+    assert eos.finish_reasons == ["eos"] and eos.token_ids == [[first]]
+    stop_text = free.texts[0][1:3]
+    if third != first and stop_text:  # the stop string must first appear at tokens 2-3
+        stopped = gen.generate(PROMPTS[0], max_new_tokens=8, eos_token_id=[], stop=stop_text)
+        assert stopped.finish_reasons == ["stop"]
+        assert stop_text not in stopped.texts[0]
+
+
+def test_sampling_is_reproducible_with_a_seed(llama):
+    gen = OnnxGenerator(llama[1])
+    kwargs = dict(max_new_tokens=10, eos_token_id=[], temperature=1.0, top_k=20, top_p=0.9)
+    a = gen.generate(PROMPTS, seed=7, **kwargs)
+    b = gen.generate(PROMPTS, seed=7, **kwargs)
+    greedy = gen.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != greedy.token_ids  # temperature 1 over a random model is far from argmax
+
+
+def test_decoder_session_binding_equals_plain_run(llama):
+    """The IOBinding path (torch memory bound directly) gives exactly what session.run gives."""
+    graph = llama[1] / "model.onnx"
+    dec = DecoderSession(graph)
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 3))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[1, :2] = 0
+    pos = torch.tensor([[4, 5, 6], [2, 3, 4]])
+    past = [(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16)) for _ in range(2)]
+    out = dec.run(ids, mask, pos, past)
+    feeds = {names.INPUT_IDS: ids.numpy(), names.ATTENTION_MASK: mask.numpy(),
+             names.POSITION_IDS: pos.numpy()}
+    for i, (k, v) in enumerate(past):
+        feeds[names.past_key(i)], feeds[names.past_value(i)] = k.numpy(), v.numpy()
+    want = sess.run(None, feeds)
+    np.testing.assert_array_equal(out.logits.numpy(), want[0])
+    np.testing.assert_array_equal(out.presents[1][1].numpy(), want[4])
+    assert out.presents[0][0].shape == (2, 2, 7, 16)  # GQA: 2 KV heads, not 4
+    assert out.attn_scores is None
+
+
+def test_errors_name_the_problem(llama, tmp_path, tokenizer):
+    with pytest.raises(KVCacheError, match="does not exist"):
+        OnnxGenerator(tmp_path / "missing")
+    shutil.copy(llama[1] / "model.onnx", tmp_path / "model.onnx")
+    with pytest.raises(KVCacheError, match="config.json"):
+        OnnxGenerator(tmp_path)
+    plain = tmp_path / "plain"
+    export_model(llama[0], plain, tokenizer=tokenizer)
+    with pytest.raises(KVCacheError, match="inject"):
+        OnnxGenerator(plain)
+    gen = OnnxGenerator(llama[1])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate("a", max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompts"):
+        gen.generate([])
+
+
+def test_cli_generate_json(llama, tokenizer):
+    model, graph_dir = llama
+    result = CliRunner().invoke(app, ["onnx", "generate", str(graph_dir), PROMPTS[0], "--cache", "static",
+                                      "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    ref = generate(model, tokenizer, PROMPTS[0], cache="static", max_new_tokens=6)
+    assert data["texts"] == ref.texts and data["token_ids"] == ref.token_ids
+    assert data["finish_reasons"] == ref.finish_reasons and data["cache"] == "static"
+    assert data["stats"]["new_tokens"] == len(ref.token_ids[0])
+
+
+def test_cli_generate_text_and_errors(llama, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["onnx", "generate", str(llama[1]), "ab", "--max-new-tokens", "3"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["onnx", "generate", str(tmp_path), "ab"])
+    assert bad.exit_code != 0 and "model.onnx" in bad.output
