@@ -7,6 +7,10 @@ below, from ARCHITECTURE.md) so a wrong default or a missing parameter in the re
 from __future__ import annotations
 
 import json
+import os
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +20,7 @@ from typer.testing import CliRunner
 from kvcache import CacheSpec, SpecError, UnsupportedSpecError
 from kvcache.cli import app
 from kvcache.spec import REGISTRY, SpecPart, describe_kinds
+from kvcache.support import reference_markdown
 
 # name -> (kind, {param: default}) as documented in ARCHITECTURE.md
 GRAMMAR: dict[str, tuple[str, dict[str, object]]] = {
@@ -431,3 +436,34 @@ def test_info_json() -> None:
     assert data["aliases"] == {"offloaded": "offload", "offloaded_static": "static+offload"}
     assert data["shorthands"]["int2"] == "quantized:bits=2"
     assert describe_kinds() == data["kinds"]
+
+
+# ----- docs/spec.md -----------------------------------------------------------------------------------------
+DOC = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
+BEGIN, END = "<!-- BEGIN GENERATED REFERENCE -->\n", "<!-- END GENERATED REFERENCE -->"
+
+
+def test_docs_reference_matches_registry() -> None:
+    text = DOC.read_text()
+    head, rest = text.split(BEGIN)
+    body, tail = rest.split(END)
+    if os.environ.get("KVCACHE_UPDATE_DOCS") == "1":  # regenerate, atomically
+        fd, tmp = tempfile.mkstemp(dir=DOC.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(head + BEGIN + reference_markdown() + END + tail)
+        os.replace(tmp, DOC)
+        body = reference_markdown()
+    fix = "docs/spec.md is stale; regenerate: KVCACHE_UPDATE_DOCS=1 pytest tests/test_spec.py -k docs"
+    assert body == reference_markdown(), fix
+
+
+def test_docs_examples() -> None:
+    section = DOC.read_text().split("## Examples")[1].split("\n## ")[0]
+    rows = [re.findall(r"`([^`]*)`", line)[:2] for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 10
+    for spec, canonical in rows:
+        assert str(CacheSpec.parse(spec)) == canonical, spec
+    errors = DOC.read_text().split("## Errors")[1]
+    with pytest.raises(SpecError) as exc:
+        CacheSpec.parse("int4+int8")
+    assert f"SpecError: {exc.value}" in errors

@@ -319,3 +319,29 @@ def print_info(console: Any | None = None) -> None:
     arch = data["architectures"]["pytorch"]
     console.print(f"[bold]architectures:[/bold] {arch['note']}")
     console.print(f"  tested: {', '.join(arch['tested'])}")
+
+
+def reference_markdown() -> str:
+    """The generated reference section of ``docs/spec.md`` (a test keeps the two identical)."""
+    lines: list[str] = []
+    for kind in KINDS:
+        lines += [f"### {'policies' if kind == 'policy' else kind + 's'}", ""]
+        lines += ["| name | available | description | parameter | default | allowed | meaning |"]
+        lines += ["|---" * 7 + "|"]
+        for info in _KIND_LIST:
+            if info.kind != kind:
+                continue
+            head = f"| `{info.name}` | {'yes' if info.available else 'not yet'} | {info.description} "
+            if not info.params:
+                lines.append(head + "| — | | | |")
+            for i, p in enumerate(info.params):
+                default = "unset" if p.default is None else f"`{format_value(p, p.default)}`"
+                row = f"| `{p.name}` | {default} | {p.constraint} | {p.description} |"
+                lines.append((head if i == 0 else "| | | ") + row)
+        lines.append("")
+    lines += ["### shorthands and aliases", "", "| name | same as |", "|---|---|"]
+    for short, (canonical, fixed) in SHORTHANDS.items():
+        lines.append(f"| `{short}` | `{canonical}:" + ",".join(f"{k}={v}" for k, v in fixed.items()) + "` |")
+    for alias, (canonical, extra) in ALIASES.items():
+        lines.append(f"| `{alias}` | `{_expansion(canonical, extra)}` |")
+    return "\n".join(lines) + "\n"
