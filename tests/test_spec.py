@@ -12,6 +12,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,6 +139,12 @@ def test_direct_construction_validates_and_fills_defaults() -> None:
     part = SpecPart("policy", "h2o", {"budget": 1})
     assert dict(part.params) == {"budget": 1.0, "tokens": None, "window": 0.1}
     assert CacheSpec(policy=part) == CacheSpec.parse("h2o:budget=1")
+    # numbers of other types (numpy, lists from JSON) are normalised so equality and hashing work
+    static8 = SpecPart("layout", "static", {"capacity": np.int64(8)})
+    assert static8 == CacheSpec.parse("static:capacity=8").layout and type(static8.params["capacity"]) is int
+    assert SpecPart("policy", "keyformer", {"tau": [1, 3]}).params["tau"] == (1.0, 3.0)
+    with pytest.raises(ValueError, match="capacity must be a whole number >= 1, got 8.0"):
+        SpecPart("layout", "static", {"capacity": 8.0})
     with pytest.raises(ValueError, match=r"budget must be a fraction in \(0, 1\]"):
         SpecPart("policy", "h2o", {"budget": 2.0})
     with pytest.raises(ValueError, match="'h2o' is a policy, not a layout"):
@@ -201,6 +208,7 @@ def test_availability() -> None:
         ("+int4", ["empty part"]),
         ("", ["empty cache spec", "'dynamic'"]),
         ("h2o!", ["malformed name 'h2o!'"]),
+        ("h2o budget=0.5", ["malformed name", "parameters follow the name after ':'"]),
     ],
 )
 def test_error_messages(text: str, needles: list[str]) -> None:

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 from kvcache.errors import KVCacheError, UnsupportedSpecError
@@ -133,20 +134,18 @@ def _parse_value(param: ParamInfo, text: str) -> Any:
     raise ValueError(f"{param.name} must be a number or a range START-END ({param.constraint}), got {text!r}")
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_value(param: ParamInfo, value: Any) -> None:
     """Check a typed value against the parameter's type and constraint (raises ValueError)."""
     if param.type == "int":
-        ok_type = isinstance(value, int) and not isinstance(value, bool)
+        ok_type = isinstance(value, Integral) and not isinstance(value, bool)
     elif param.type == "float":
-        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok_type = _is_finite_number(value)
     else:
-        ok_type = (
-            isinstance(value, tuple)
-            and len(value) == 2
-            and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
-            )
-        )
+        ok_type = isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_finite_number, value))
     if not ok_type or not param.check(value):
         shown = format_value(param, value) if ok_type else repr(value)
         raise ValueError(f"{param.name} must be {param.constraint}, got {shown}")
@@ -157,7 +156,7 @@ def _normalize(param: ParamInfo, value: Any) -> Any:
         return float(value)
     if param.type == "range":
         return (float(value[0]), float(value[1]))
-    return value
+    return int(value)  # numpy integers become plain ints so equality and hashing behave
 
 
 @dataclass(frozen=True)
@@ -262,7 +261,8 @@ def _parse_part(raw: str) -> list[SpecPart]:
     name_text, colon, rest = part.partition(":")
     name = name_text.strip().lower()
     if not _NAME_RE.fullmatch(name):
-        raise ValueError(f"malformed name {name_text.strip()!r}: names are letters, digits and '_'")
+        hint = "; parameters follow the name after ':', as in h2o:budget=0.5" if "=" in name else ""
+        raise ValueError(f"malformed name {name_text.strip()!r}: names are letters, digits and '_'{hint}")
     if colon and not rest.strip():
         raise ValueError(f"nothing after ':' in {part!r}; write {name!r} or {name}:KEY=VALUE")
     given: dict[str, str] = {}
