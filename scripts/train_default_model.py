@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""Train the bundled default model end to end: corpus -> tokenizer -> training -> save -> train_log.json.
+
+    PYTHONPATH=src python3 scripts/train_default_model.py --preset gpu --out OUT_DIR
+    PYTHONPATH=src python3 scripts/train_default_model.py --preset smoke --out /tmp/m   # ~1 min, for tests
+    PYTHONPATH=src python3 scripts/train_default_model.py --write-eval-splits            # refresh eval data
+
+Everything is offline and seeded. The prose comes from the Python installation (kvcache.models.corpus); the
+synthetic long-context documents (passkey, key-value and multi-needle retrieval) come from
+kvcache.bench.tasks with training seeds (evaluation uses a disjoint seed range). Every batch is a pure
+function of (seed, step), so the data does not depend on the number of loader workers.
+
+Presets share the data recipe and the model; they differ in steps, batch and time budget. Training stops at
+the planned step count or at the time budget, whichever comes first: the learning-rate schedule follows
+progress = max(step / steps, elapsed / budget), so a slower machine still ends on a decayed learning rate
+(train_log.json records which limit ended the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from kvcache.bench.tasks import TRAIN_SEED_BASE, Filler, make_task  # noqa: E402
+from kvcache.models.corpus import (  # noqa: E402
+    Document,
+    build_corpus,
+    load_eval_split,
+    prose_paragraphs,
+    split_sentences,
+    write_eval_split,
+)
+
+DEFAULT_DIR = ROOT / "src" / "kvcache" / "models" / "default"
+EVAL_DIR = DEFAULT_DIR / "eval"
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, as in kvcache.models.random
+PAD, BOS, EOS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One training recipe (same data and model across presets; size of the run differs)."""
+
+    steps: int              # planned optimizer steps
+    batch: int              # rows per step at seq_len (a long step uses batch // 2 rows of 2 * seq_len)
+    seq_len: int            # training sequence length of most steps
+    long_every: int         # every long_every-th step trains at 2 * seq_len (0: never)
+    lr: float
+    warmup: int
+    budget_s: float         # wall-time budget for the training loop
+    log_every: int
+    layers: int = 6
+    hidden: int = 320
+    heads: int = 8
+    kv_heads: int = 2
+    ffn: int = 768
+    vocab: int = 4096
+    max_positions: int = 2048
+    rope_theta: float = 10000.0
+    task_fraction: float = 0.6  # share of rows that start with a synthetic retrieval document
+    answer_weight: float = 4.0  # loss weight of answer tokens (they are ~0.5% of the tokens)
+
+
+PRESETS: dict[str, Preset] = {
+    # shipped: one H100/H200, bf16 autocast, ~4 min of training
+    "gpu": Preset(steps=2400, batch=64, seq_len=1024, long_every=4, lr=2e-3, warmup=150, budget_s=250.0,
+                  log_every=50),
+    # same recipe on a 2-core CPU, <= ~90 min (measured per-step time x steps; see the card)
+    "cpu": Preset(steps=700, batch=8, seq_len=1024, long_every=8, lr=2e-3, warmup=50, budget_s=85 * 60.0,
+                  log_every=10),
+    # proves the pipeline runs (tests, CI): a minute or less, tiny model, short sequences
+    "smoke": Preset(steps=12, batch=4, seq_len=256, long_every=4, lr=2e-3, warmup=2, budget_s=30.0,
+                    log_every=4, layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512,
+                    max_positions=512),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def eval_splits() -> tuple[list[Document], list[Document]]:
+    """The shipped held-out splits (prose for perplexity, documents for summarisation checks)."""
+    return load_eval_split(EVAL_DIR / "prose.jsonl"), load_eval_split(EVAL_DIR / "documents.jsonl")
+
+
+def write_eval_splits() -> None:
+    corpus = build_corpus()
+    write_eval_split(EVAL_DIR / "prose.jsonl", corpus.heldout_prose)
+    write_eval_split(EVAL_DIR / "documents.jsonl", corpus.heldout_docs)
+    log(f"wrote {len(corpus.heldout_prose)} held-out prose and {len(corpus.heldout_docs)} documents to {EVAL_DIR}")
+
+
+def sentences_of(docs: list[Document]) -> list[str]:
+    return [s for d in docs for p in prose_paragraphs(d.text) for s in split_sentences(p)]
+
+
+def train_tokenizer(texts: list[str], vocab: int):
+    """Byte-level BPE with single-digit numbers (so numbers copy digit by digit) and BOS added on encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIALS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
+    for i, s in enumerate(SPECIALS):
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"special token {s} got id {tok.token_to_id(s)}, expected {i}")
+    return tok
+
+
+def save_tokenizer(tok, out: Path, max_len: int) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": max_len, "padding_side": "left",
+        "add_bos_token": True, "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Training batches; batch ``step`` is a pure function of (seed, step). Worker w makes steps w, w+W, ..."""
+
+    def __init__(self, tok, prose_ids: list[int], sentences: list[str], preset: Preset, seed: int,
+                 first_step: int, last_step: int) -> None:
+        self.tok, self.prose, self.p, self.seed = tok, prose_ids, preset, seed
+        self.sentences, self.first, self.last = sentences, first_step, last_step
+        self._fillers: tuple[Filler, Filler] | None = None
+
+    def fillers(self) -> tuple[Filler, Filler]:
+        if self._fillers is None:  # built lazily, in the worker
+            def count(xs: list[str]) -> list[int]:
+                return [len(e.ids) for e in self.tok.encode_batch(xs, add_special_tokens=False)]
+            self._fillers = (Filler(self.sentences, count), Filler.repeat(count))
+        return self._fillers
+
+    def shape(self, step: int) -> tuple[int, int]:
+        p = self.p
+        if p.long_every and step % p.long_every == p.long_every - 1:
+            return max(1, p.batch // 2), 2 * p.seq_len
+        return p.batch, p.seq_len
+
+    def row(self, rng: random.Random, length: int, step: int, r: int) -> tuple[list[int], list[float]]:
+        ids: list[int] = []
+        weights: list[float] = []
+        if rng.random() < self.p.task_fraction:
+            prose, repeat = self.fillers()
+            kind = rng.choices(("passkey", "multi_needle", "kv"), weights=(0.5, 0.25, 0.25))[0]
+            ctx = rng.randrange(64, length - 16)
+            task_seed = TRAIN_SEED_BASE + (self.seed * 100_000 + step) * 1000 + r  # < EVAL_SEED_BASE
+            ex = make_task(kind, prose if rng.random() < 0.75 else repeat, ctx, seed=task_seed)
+            prompt = self.tok.encode(ex.prompt).ids  # with BOS, as at evaluation
+            answer = self.tok.encode(ex.answer, add_special_tokens=False).ids + [EOS]
+            ids = prompt + answer
+            weights = [1.0] * len(prompt) + [self.p.answer_weight] * len(answer)
+        start = rng.randrange(len(self.prose))
+        need = length + 1 - len(ids)
+        while need > 0:  # prose continues the row (wrapping around the corpus)
+            chunk = self.prose[start:start + need]
+            ids += chunk
+            weights += [1.0] * len(chunk)
+            need -= len(chunk)
+            start = 0
+        return ids[:length + 1], weights[:length + 1]
+
+    def make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length = self.shape(step)
+        rng = random.Random(f"{self.seed}:{step}")
+        rows = [self.row(rng, length, step, r) for r in range(batch)]
+        return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.first + wid, self.last, nw):
+            yield self.make(step)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_model(p: Preset, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.ffn, num_hidden_layers=p.layers,
+        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, max_position_embeddings=p.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta}, tie_word_embeddings=True,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, rms_norm_eps=1e-5, initializer_range=0.02,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(config)
+
+
+def lr_at(progress: float, p: Preset, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, p.warmup))
+    return p.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_model(model, tok, out: Path, p: Preset) -> None:
+    """Write weights (fp16 safetensors, loaded as float32), config, generation config and tokenizer atomically."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = model.to("cpu", torch.float16)  # fp16 keeps 10 mantissa bits (bf16: 7); weights are well in range
+    model.generation_config.do_sample = False
+    model.generation_config.max_length = None
+    model.save_pretrained(tmp, safe_serialization=True)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["dtype"] = "float32"  # dtype="auto" (the default) then loads a float32 model
+    cfg.pop("attn_implementation", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(tok, tmp, p.max_positions)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    ap.add_argument("--out", type=Path, help="output directory (created; files replaced atomically)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="override the preset's step count")
+    ap.add_argument("--budget-s", type=float, help="override the preset's training time budget (seconds)")
+    ap.add_argument("--workers", type=int, help="data loader workers (default: min(6, cpus - 1) on GPU, 0 on CPU)")
+    ap.add_argument("--write-eval-splits", action="store_true", help="rewrite the shipped held-out splits and exit")
+    args = ap.parse_args(argv)
+    if args.write_eval_splits:
+        write_eval_splits()
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    p = PRESETS[args.preset]
+    if args.steps is not None or args.budget_s is not None:
+        p = Preset(**{**asdict(p), "steps": args.steps or p.steps, "budget_s": args.budget_s or p.budget_s})
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    t0 = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    heldout_prose, heldout_docs = eval_splits()
+    corpus = build_corpus(exclude=heldout_prose + heldout_docs)
+    texts = [d.text for d in corpus.train]
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    log(f"corpus: {len(texts)} training documents, {sum(map(len, texts))} chars (sha256 {digest}), "
+        f"{len(heldout_prose)} held-out prose, {len(heldout_docs)} held-out documents")
+    t_corpus = time.time() - t0
+
+    # tokenizer: the prose plus a few hundred task documents, so the templates get their own merges
+    sentences = sentences_of(corpus.train)
+    def rough_count(xs: list[str]) -> list[int]:
+        return [max(1, len(x) // 4) for x in xs]
+    rough = Filler(sentences, rough_count)
+    task_texts = [make_task(k, rough, 256, seed=TRAIN_SEED_BASE + i).prompt
+                  for i in range(300) for k in ("passkey", "multi_needle", "kv")]
+    tok = train_tokenizer(texts + task_texts, p.vocab)
+    prose_ids: list[int] = []
+    for enc in tok.encode_batch(texts):  # BOS added by the post-processor
+        prose_ids += enc.ids + [EOS]
+    log(f"tokenizer: vocab {tok.get_vocab_size()}, prose {len(prose_ids)} tokens "
+        f"({sum(map(len, texts)) / len(prose_ids):.2f} chars/token)")
+    t_tok = time.time() - t0 - t_corpus
+
+    model = build_model(p, "sdpa").to(device)
+    n_params = sum(t.numel() for t in model.parameters())
+    log(f"model: LlamaForCausalLM {n_params / 1e6:.2f}M parameters on {device}")
+    decay = [t for n, t in model.named_parameters() if t.dim() >= 2]
+    no_decay = [t for n, t in model.named_parameters() if t.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    workers = args.workers if args.workers is not None else (
+        min(6, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the loader forks after the tokenizer was used
+    data = Batches(tok, prose_ids, sentences, p, args.seed, 0, p.steps)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    model.train()
+    t_train = time.time()
+    history: list[dict] = []
+    recent: list[float] = []
+    tokens = 0
+    step = 0
+    stop_reason = "steps"
+    window_t, window_tokens = time.time(), 0
+    for step, (ids, w) in enumerate(loader):
+        elapsed = time.time() - t_train
+        progress = max(step / p.steps, elapsed / p.budget_s)
+        if progress >= 1.0:
+            stop_reason = "time budget"
+            break
+        lr = lr_at(progress, p, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, w = ids.to(device, non_blocking=True), w.to(device, non_blocking=True)
+        with amp:
+            logits = model(input_ids=ids[:, :-1]).logits
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
+                                               reduction="none")
+        loss = (ce * w[:, 1:].flatten()).sum() / w[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += ids[:, :-1].numel()
+        window_tokens += ids[:, :-1].numel()
+        if step % p.log_every == 0 or step == p.steps - 1:
+            value = loss.item()  # syncs; only on log steps
+            recent.append(value)
+            now = time.time()
+            tps = window_tokens / max(1e-9, now - window_t)
+            window_t, window_tokens = now, 0
+            history.append({"step": step, "loss": round(value, 4), "lr": lr, "seq_len": ids.shape[1] - 1,
+                            "tokens_per_s": round(tps), "elapsed_s": round(now - t_train, 1)})
+            log(f"step {step:5d}/{p.steps} len {ids.shape[1] - 1:4d} loss {value:.4f} lr {lr:.2e} "
+                f"{tps:,.0f} tok/s")
+    steps_done = step + (1 if stop_reason == "steps" else 0)
+    train_s = time.time() - t_train
+    log(f"trained {steps_done} steps in {train_s:.1f}s ({tokens / max(train_s, 1e-9):,.0f} tok/s), "
+        f"stopped by {stop_reason}")
+
+    model.eval()
+    save_model(model, tok, args.out, p)
+    train_log = {
+        "preset": args.preset, "recipe": asdict(p), "seed": args.seed,
+        "steps": steps_done, "planned_steps": p.steps, "stopped_by": stop_reason,
+        "tokens_seen": tokens, "tokens_per_s": round(tokens / max(train_s, 1e-9)),
+        "wall_time_s": {"corpus": round(t_corpus, 1), "tokenizer": round(t_tok, 1), "train": round(train_s, 1),
+                        "total": round(time.time() - t0, 1)},
+        "final_loss": round(sum(recent[-3:]) / max(1, len(recent[-3:])), 4) if recent else None,
+        "param_count": n_params,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__,
+                     "tokenizers": __import__("tokenizers").__version__},
+        "corpus": {"train_documents": len(texts), "train_chars": sum(map(len, texts)),
+                   "train_prose_tokens": len(prose_ids), "sha256": digest,
+                   "sources": sorted({d.source for d in corpus.train}),
+                   "heldout_prose_documents": len(heldout_prose), "heldout_documents": len(heldout_docs)},
+        "history": history,
+    }
+    write_json(args.out / "train_log.json", train_log)
+    log(f"saved to {args.out} ({time.time() - t0:.1f}s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
