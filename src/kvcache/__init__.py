@@ -1,6 +1,7 @@
 """kvcache: KV-cache layouts, retention policies and ONNX KV-cache injection for LLM generation."""
 
 from kvcache.errors import CacheCapacityError, KVCacheError, UnsupportedSpecError
+from kvcache.generation import GenerationResult, GenerationStats, generate
 from kvcache.spec import CacheSpec, SpecError
 
 __version__ = "0.1.0"
@@ -8,8 +9,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheCapacityError",
     "CacheSpec",
+    "GenerationResult",
+    "GenerationStats",
     "KVCacheError",
     "SpecError",
     "UnsupportedSpecError",
     "__version__",
+    "generate",
 ]
