@@ -1,0 +1,284 @@
+"""KV-cache injection into an ONNX decoder graph exported without a cache.
+
+Usage (weights are never loaded)::
+
+    model = onnx.load(path, load_external_data=False)
+    model = KVCacheInjector(model_dir).apply(model)
+
+or :func:`inject_file` / ``kvcache onnx inject MODEL.onnx|DIR [--out PATH] [--attention-stats]``.
+The injected graph's inputs and outputs are described in :mod:`kvcache.onnx.names`. The passes: find the
+attention sites (:mod:`~kvcache.onnx.patterns`), add past/present around keys and values
+(:mod:`~kvcache.onnx.rewrite_cache`), replace the mask (:mod:`~kvcache.onnx.rewrite_mask`), optionally
+expose attention statistics (:mod:`~kvcache.onnx.rewrite_stats`), prune and re-sort.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from transformers import AutoConfig, PretrainedConfig
+
+from kvcache.errors import KVCacheError
+from kvcache.models.random import ARCHITECTURES
+from kvcache.onnx import names
+from kvcache.onnx.graph import Graph, probe_shapes
+from kvcache.onnx.patterns import AttentionSite, find_mask_edits, kv_source, prob_consumer, score_path
+from kvcache.onnx.rewrite_cache import inject_cache
+from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits, repoint_mask_shapes
+from kvcache.onnx.rewrite_stats import add_attention_stats
+
+#: files copied beside an injected graph written to another directory
+_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "MODEL_CARD.md")
+
+
+def _geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
+    """``(num_layers, num_heads, num_kv_heads, head_dim)`` of a decoder config."""
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if getattr(text, "multi_query", False):  # falcon-style multi-query attention
+        kv = 1
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, heads, kv, head_dim
+
+
+class KVCacheInjector:
+    """Adds a KV cache to a decoder graph exported without one.
+
+    Parameters
+    ----------
+    model_dir:
+        Directory holding the model's ``config.json`` (the export directory), or a ``PretrainedConfig``.
+    attention_stats:
+        Also output ``attn_scores.{i}`` ``[batch, num_heads, past + seq]`` per layer (see
+        :mod:`kvcache.onnx.names`).
+    """
+
+    #: architectures (``config.model_type``) tested end to end; others are attempted with the generic matcher
+    supported_models: tuple[str, ...] = ARCHITECTURES
+
+    def __init__(self, model_dir: str | os.PathLike[str] | PretrainedConfig, *,
+                 attention_stats: bool = False) -> None:
+        if isinstance(model_dir, PretrainedConfig):
+            self.config = model_dir
+        else:
+            path = Path(model_dir)
+            if not (path / "config.json").is_file():
+                raise KVCacheError(f"{path} has no config.json: pass the directory the model was exported to "
+                                   "(it needs the model's config to know layers, heads and head size)")
+            try:
+                self.config = AutoConfig.from_pretrained(str(path))
+            except (OSError, ValueError, KeyError) as exc:
+                raise KVCacheError(f"cannot read {path / 'config.json'}: {exc}") from exc
+        self.arch = getattr(self.config, "model_type", "unknown")
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = _geometry(self.config)
+        self.attention_stats = attention_stats
+
+    # ----- validation ---------------------------------------------------------------------------------
+    def _validate(self, model: onnx.ModelProto) -> None:
+        inputs = {i.name for i in model.graph.input}
+        outputs = {o.name for o in model.graph.output}
+        meta = {p.key for p in model.metadata_props}
+        if any(names.is_cache_input(n) for n in inputs) or any(names.is_cache_output(n) for n in outputs) \
+                or names.META_INJECTED in meta:
+            raise KVCacheError("this graph already has a KV cache (past_key_values.* inputs / present.* "
+                               "outputs); inject into the graph exported without cache")
+        missing = [n for n in (names.INPUT_IDS, names.ATTENTION_MASK) if n not in inputs]
+        if missing or names.LOGITS not in outputs:
+            raise KVCacheError(
+                f"not a decoder graph: expected inputs input_ids and attention_mask and output logits, found "
+                f"inputs {sorted(inputs)} and outputs {sorted(outputs)}; export with `kvcache onnx export`")
+
+    def _sentinels(self) -> tuple[int, int, int]:
+        """Batch and two sequence sizes that no static dimension of the model equals."""
+        taken = {self.num_heads, self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads,
+                 self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, 1}
+        primes = [p for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47) if p not in taken]
+        return primes[0], primes[1], primes[2]
+
+    # ----- matching -----------------------------------------------------------------------------------
+    def find_sites(self, g: Graph, probe: dict, probe2: dict, batch: int, seq: int,
+                   seq2: int) -> list[AttentionSite]:
+        """Locate every attention layer; raises :class:`KVCacheError` naming what is missing."""
+        sites: list[AttentionSite] = []
+        softmaxes = [n for n in g.topo_order() if n.op_type == "Softmax"]
+        fused = [n for n in g.g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+        if fused:
+            raise KVCacheError(f"{self.arch}: the opset-23 Attention op is not supported by this injector "
+                               "yet; export with --opset 18..22 or the legacy exporter")
+        want = (batch, self.num_kv_heads, seq, self.head_dim)
+        reasons: list[str] = []
+        for softmax in softmaxes:
+            layer = len(sites)
+            path = score_path(g, softmax)
+            if path is None:
+                reasons.append(f"Softmax {softmax.name!r}: no MatMul(Q, K^T) feeds it")
+                continue
+            qk = path[-1][0]
+            av = prob_consumer(g, softmax)
+            if av is None:
+                raise KVCacheError(f"{self.arch}: layer {layer}: the attention probabilities of Softmax "
+                                   f"{softmax.name!r} reach no MatMul with V")
+            k = kv_source(g, qk.input[1], want, probe, probe2, seq2)
+            if isinstance(k, str):
+                raise KVCacheError(f"{self.arch}: layer {layer}: key of MatMul {qk.name!r}: {k}")
+            v = kv_source(g, av.input[1], want, probe, probe2, seq2)
+            if isinstance(v, str):
+                raise KVCacheError(f"{self.arch}: layer {layer}: value of MatMul {av.name!r}: {v}")
+            edits = find_mask_edits(g, path)
+            if isinstance(edits, str):
+                raise KVCacheError(f"{self.arch}: layer {layer}: {edits}")
+            info = probe.get(softmax.input[0])
+            dtype = info.elem_type if info is not None else onnx.TensorProto.FLOAT
+            sites.append(AttentionSite(layer=layer, qk=qk, av=av, softmax=softmax, key=k[0], value=v[0],
+                                       chain=k[1] + v[1], mask_edits=edits, score_dtype=dtype))
+        if len(sites) != self.num_layers:
+            detail = "; ".join(reasons[:3])
+            raise KVCacheError(f"{self.arch}: found {len(sites)} attention layers in the graph but the config "
+                               f"says {self.num_layers}" + (f" ({detail})" if detail else ""))
+        return sites
+
+    # ----- the pass -----------------------------------------------------------------------------------
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Inject the cache into ``model`` (modified in place and returned).
+
+        Raises
+        ------
+        KVCacheError
+            The graph is not a decoder without cache, or an attention layer does not match; the message
+            names the architecture, the layer and what was missing.
+        """
+        self._validate(model)
+        g = Graph(model)
+        if g.opset < 13:
+            raise KVCacheError(f"opset {g.opset} is too old for injection; export with opset 14 or newer")
+        batch, seq, seq2 = self._sentinels()
+        probe = probe_shapes(model, batch, seq)
+        probe2 = probe_shapes(model, batch, seq2)
+        sites = self.find_sites(g, probe, probe2, batch, seq, seq2)
+        # read before edits: the dynamo exporter's shape reads of the mask become the current length
+        repoint_mask_shapes(g)
+        builder = MaskBuilder(g)
+        for site in sites:
+            inject_cache(g, site, probe, probe2, seq, seq2, self.arch)
+            if site.mask_edits:
+                apply_mask_edits(g, builder, site.mask_edits, site.score_dtype)
+            elif site.softmax is not None:
+                add_mask_before_softmax(g, builder, site.softmax, site.score_dtype)
+        if self.attention_stats:
+            add_attention_stats(g, sites, builder)
+        g.prune()
+        g.sort()
+        self._finish_io(model, sites, probe)
+        return model
+
+    def _finish_io(self, model: onnx.ModelProto, sites: list[AttentionSite], probe: dict) -> None:
+        """Symbolic dims on the mask input; drop stale value_info; record the cache geometry."""
+        for vi in model.graph.input:
+            if vi.name == names.ATTENTION_MASK:
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims) == 2:
+                    dims[1].Clear()
+                    dims[1].dim_param = names.TOTAL_DIM
+        del model.graph.value_info[:]
+        meta = {
+            names.META_INJECTED: "1",
+            names.META_ARCHITECTURE: self.arch,
+            names.META_NUM_LAYERS: str(self.num_layers),
+            names.META_NUM_HEADS: str(self.num_heads),
+            names.META_NUM_KV_HEADS: str(self.num_kv_heads),
+            names.META_HEAD_DIM: str(self.head_dim),
+            names.META_ATTENTION_STATS: "1" if self.attention_stats else "0",
+        }
+        kept = [p for p in model.metadata_props if p.key not in meta]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+
+
+def _resolve(path: Path) -> tuple[Path, Path]:
+    """``(model file, model directory)`` for a ``.onnx`` file or a directory holding ``model.onnx``."""
+    if path.is_dir():
+        candidates = [path / "model.onnx"] if (path / "model.onnx").is_file() else sorted(path.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise KVCacheError(f"{path} must hold exactly one .onnx file (or model.onnx); found "
+                               f"{[c.name for c in candidates]}")
+        return candidates[0], path
+    if not path.is_file():
+        raise KVCacheError(f"{path} does not exist")
+    return path, path.parent
+
+
+def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+                attention_stats: bool = False) -> Path:
+    """Inject a KV cache into the graph at ``path`` and write it atomically.
+
+    Parameters
+    ----------
+    path:
+        A ``.onnx`` file (with ``config.json`` beside it) or its directory.
+    out:
+        Output file; default ``<name>_kvcache.onnx`` beside the input. The input is only overwritten when
+        ``out`` names it. Written to a temporary file first, then moved in place with ``os.replace``.
+        When ``out`` is in another directory, external data is referenced by relative path and the config
+        and tokenizer files are copied beside it.
+    attention_stats:
+        See :class:`KVCacheInjector`.
+
+    Returns
+    -------
+    The path written.
+    """
+    src, model_dir = _resolve(Path(path))
+    injector = KVCacheInjector(model_dir, attention_stats=attention_stats)
+    try:
+        model = onnx.load(str(src), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: the file is not an ONNX model
+        raise KVCacheError(f"{src} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    model = injector.apply(model)
+    dest = Path(out) if out is not None else src.with_name(src.stem + "_kvcache.onnx")
+    if dest.is_dir():
+        dest = dest / src.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _relocate_external(model, src.parent.resolve(), dest.parent.resolve())
+    fd, tmp = tempfile.mkstemp(prefix=".inject-", suffix=".onnx", dir=dest.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        onnx.checker.check_model(tmp)
+        os.replace(tmp, dest)
+    except onnx.checker.ValidationError as exc:
+        raise KVCacheError(f"the injected graph failed onnx.checker: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if dest.parent.resolve() != model_dir.resolve():
+        for name in _SIDE_FILES:
+            if (model_dir / name).is_file() and not (dest.parent / name).exists():
+                shutil.copyfile(model_dir / name, dest.parent / name)
+    return dest
+
+
+def _relocate_external(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> None:
+    """Rewrite external-data locations so they still resolve from ``dest_dir``."""
+    if src_dir == dest_dir:
+        return
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = os.path.relpath(src_dir / entry.value, dest_dir)
+
+
+def inject(model: onnx.ModelProto, model_dir: str | os.PathLike[str] | PretrainedConfig,
+           **kwargs: Any) -> onnx.ModelProto:
+    """Functional shortcut: ``KVCacheInjector(model_dir, **kwargs).apply(model)``."""
+    return KVCacheInjector(model_dir, **kwargs).apply(model)

@@ -1,0 +1,202 @@
+"""Attention sub-graph matchers for KV-cache injection: pattern -> check (with the reason) -> site.
+
+An attention layer of an exported decoder without cache, whatever the exporter or architecture, is::
+
+    scores = MatMul(Q, K^T) -> (scale, masks, biases: Mul/Div/Add/Where/Cast/Reshape...) -> Softmax
+    out    = MatMul(Softmax -> (IsNaN/Where, Cast, Reshape...), V)
+
+or the opset-23 fused ``Attention(Q, K, V, mask)`` op. For each layer the matcher finds
+
+* ``key`` / ``value``: the farthest-upstream tensor on the K (V) operand path, moving only through layout
+  ops (Transpose, Reshape, Expand, Unsqueeze, scalar Mul...), whose probed shape is
+  ``[batch, num_kv_heads, seq, head_dim]``: keys after RoPE and *before* GQA's repeat_kv, so the cache
+  keeps ``num_kv_heads``;
+* ``chain``: the layout nodes between those tensors and the attention, whose reshape/expand targets are
+  recomputed once the key length becomes ``past + seq``;
+* ``mask_edits``: the places where a causal/padding mask enters the scores (an input of an ``Add`` or the
+  condition of a ``Where`` whose ancestry compares positions), to be replaced by the injected mask.
+  Additive biases that compare no positions (ALiBi) are left alone.
+
+Every ``check_*`` function returns ``None`` on success or a sentence saying what was missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from kvcache.onnx.graph import COMPARISONS, Graph, TensorInfo
+
+#: elementwise/reshaping ops allowed between the Q·K MatMul and the Softmax
+SCORE_OPS: frozenset[str] = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Tanh", "Reshape",
+                                       "Identity", "Max", "Min", "Clip"})
+#: ops allowed between Softmax and the probabilities·V MatMul
+PROB_OPS: frozenset[str] = frozenset({"Cast", "Where", "Identity", "Dropout", "Reshape", "Mul"})
+#: layout-only ops allowed between the cached K/V and the attention MatMul
+LAYOUT_OPS: frozenset[str] = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast",
+                                        "Identity", "Mul", "Div", "Flatten"})
+
+
+@dataclass
+class MaskEdit:
+    """One mask entry point: ``node.input[index]`` gets the injected mask of kind ``kind``.
+
+    ``kind`` is ``"additive"`` (0 where allowed, a very negative number elsewhere), ``"allowed"`` (bool,
+    True where attention is allowed) or ``"blocked"`` (bool, True where it is not).
+    """
+
+    node: onnx.NodeProto
+    index: int
+    kind: str
+
+
+@dataclass
+class AttentionSite:
+    """Everything the rewrite passes need to know about one attention layer."""
+
+    layer: int
+    qk: onnx.NodeProto                 # MatMul(Q, K^T), or the fused Attention node
+    av: onnx.NodeProto                 # MatMul(probs, V), or the fused Attention node
+    softmax: onnx.NodeProto | None     # None for the fused Attention op
+    key: str                           # [batch, num_kv_heads, seq, head_dim] tensor to extend with the past
+    value: str
+    chain: list[onnx.NodeProto] = field(default_factory=list)   # layout nodes between key/value and qk/av
+    mask_edits: list[MaskEdit] = field(default_factory=list)
+    score_dtype: int = onnx.TensorProto.FLOAT
+
+    @property
+    def fused(self) -> bool:
+        """True for the opset-23 ``Attention`` op."""
+        return self.qk.op_type == "Attention"
+
+
+class PatternError(Exception):
+    """Internal: a matcher did not find its pattern (the message says what was missing)."""
+
+
+def _is_activation_matmul(g: Graph, node: onnx.NodeProto) -> bool:
+    """A MatMul of two computed tensors (not a projection with a weight)."""
+    return node.op_type == "MatMul" and not any(g.is_constant(i) for i in node.input)
+
+
+def score_path(g: Graph, softmax: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]] | None:
+    """Nodes from the Softmax back to the Q·K MatMul as ``(node, index of the score input)``; last = MatMul."""
+
+    def walk(tensor: str, depth: int) -> list[tuple[onnx.NodeProto, int]] | None:
+        node = g.producer.get(tensor)
+        if node is None or depth > 16:
+            return None
+        if _is_activation_matmul(g, node):
+            return [(node, -1)]
+        if node.op_type not in SCORE_OPS:
+            return None
+        candidates = range(1, 3) if node.op_type == "Where" else range(len(node.input))
+        if node.op_type == "Reshape":
+            candidates = range(1)
+        for k in candidates:
+            if not node.input[k] or g.is_constant(node.input[k]):
+                continue
+            rest = walk(node.input[k], depth + 1)
+            if rest is not None:
+                return [(node, k)] + rest
+        return None
+
+    return walk(softmax.input[0], 0)
+
+
+def prob_consumer(g: Graph, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The MatMul that multiplies the attention probabilities with V (through IsNaN guards, casts...)."""
+    frontier = [softmax.output[0]]
+    for _ in range(6):
+        nxt = []
+        for t in frontier:
+            for node in g.consumers.get(t, []):
+                if node.op_type == "MatMul" and node.input[0] == t and _is_activation_matmul(g, node):
+                    return node
+                if node.op_type in PROB_OPS:
+                    nxt.append(node.output[0])
+        frontier = nxt
+    return None
+
+
+def kv_source(g: Graph, tensor: str, want: tuple[int, ...], probe: dict[str, TensorInfo],
+              probe2: dict[str, TensorInfo], seq2: int) -> tuple[str, list[onnx.NodeProto]] | str:
+    """Walk up from an attention operand to the farthest ``want``-shaped tensor through layout ops.
+
+    Returns ``(tensor, chain)`` with the layout nodes between that tensor and the attention, or the reason
+    the walk failed. ``want`` is ``(batch, num_kv_heads, seq, head_dim)`` in the first probe; in the second
+    probe the sequence dimension must be ``seq2`` (so a static dimension equal to ``seq`` is not mistaken).
+    """
+    want2 = (want[0], want[1], seq2, want[3])
+    best: tuple[str, int] | None = None
+    path: list[onnx.NodeProto] = []
+    seen_shapes: list[str] = []
+    t = tensor
+    for _ in range(32):
+        info = probe.get(t)
+        info2 = probe2.get(t)
+        shape = info.shape if info else None
+        seen_shapes.append(str(list(shape)) if shape else "?")
+        if shape == want and info2 is not None and info2.shape == want2:
+            best = (t, len(path))
+        node = g.producer.get(t)
+        if node is None or node.op_type not in LAYOUT_OPS:
+            break
+        data = [i for i in node.input[:1]] if node.op_type not in ("Mul", "Div") else \
+            [i for i in node.input if not g.is_constant(i)]
+        if len(data) != 1:
+            break
+        if node.op_type in ("Mul", "Div"):
+            other = [i for i in node.input if i != data[0]]
+            if not other or not _is_scalar(g, other[0], probe):
+                break
+        path.append(node)
+        t = data[0]
+    if best is None:
+        return (f"no tensor of shape [batch={want[0]}, num_kv_heads={want[1]}, seq={want[2]}, "
+                f"head_dim={want[3]}] on its path (shapes seen, walking up: {' <- '.join(seen_shapes)})")
+    return best[0], path[: best[1]]
+
+
+def _is_scalar(g: Graph, name: str, probe: dict[str, TensorInfo]) -> bool:
+    value = g.const_value(name)
+    if value is not None:
+        return value.size == 1
+    info = probe.get(name)
+    return info is not None and info.shape is not None and all(d == 1 for d in info.shape)
+
+
+def mask_kind(g: Graph, node: onnx.NodeProto, side: int, score_index: int) -> str | None:
+    """What injected mask ``node.input[side]`` should receive, or ``None`` when it is not a mask.
+
+    A mask compares positions somewhere upstream (``kv_idx <= q_idx``); a constant scale or an ALiBi bias
+    does not.
+    """
+    name = node.input[side]
+    if not name or g.is_constant(name):
+        return None
+    ops, _ = g.ancestor_ops(name)
+    if not ops & COMPARISONS:
+        return None
+    if node.op_type == "Add":
+        return "additive"
+    if node.op_type == "Where" and side == 0:
+        return "allowed" if score_index == 1 else "blocked"
+    return "unsupported"
+
+
+def find_mask_edits(g: Graph, path: list[tuple[onnx.NodeProto, int]]) -> list[MaskEdit] | str:
+    """Mask entry points on a score path (see :func:`score_path`), or the reason one cannot be replaced."""
+    edits: list[MaskEdit] = []
+    for node, score_index in path[:-1]:
+        for side in range(len(node.input)):
+            if side == score_index:
+                continue
+            kind = mask_kind(g, node, side, score_index)
+            if kind == "unsupported":
+                return (f"a mask enters the scores through {node.op_type} node {node.name!r} "
+                        f"(input {side}) in a way the injector does not rewrite")
+            if kind is not None:
+                edits.append(MaskEdit(node, side, kind))
+    return edits

@@ -1,0 +1,114 @@
+"""Injection pass 2: one causal + padding mask over ``past + current`` keys, shared by all layers.
+
+The graph's own mask was built for ``seq x seq`` scores from an ``attention_mask`` of ``seq`` columns. After
+injection ``attention_mask`` spans ``past + seq`` columns and the scores are ``[.., seq, past + seq]``, so
+the pass builds (once)::
+
+    allowed[b, 0, i, j] = attention_mask[b, j] == 1  and  j <= past + i
+
+and feeds it (bool, negated bool, or additive 0 / most-negative float) to every mask entry point found by
+:func:`kvcache.onnx.patterns.find_mask_edits`; the old mask computation becomes dead and is pruned.
+
+Graphs from the dynamo exporter take the batch and sequence sizes used by reshapes from
+``Shape(attention_mask)`` (the exporter unified the two symbols); :func:`repoint_mask_shapes` moves those
+reads to ``input_ids``, whose sequence axis is still the current length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from kvcache.onnx import names
+from kvcache.onnx.graph import Graph
+from kvcache.onnx.patterns import MaskEdit
+
+_NP_FLOAT = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
+
+
+class MaskBuilder:
+    """Builds the shared mask tensors on first use (one per kind and dtype)."""
+
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+        self._allowed: str | None = None
+        self._cache: dict[tuple[str, int], str] = {}
+        self._current: str | None = None
+
+    def current_len(self) -> str:
+        """1-D ``[seq]``: the number of current tokens (from ``input_ids``)."""
+        if self._current is None:
+            g = self.g
+            self._current = g.add("Shape", [names.INPUT_IDS], hint="current_len", start=1, end=2) \
+                if g.opset >= 15 else g.add("Slice", [g.add("Shape", [names.INPUT_IDS]), g.const([1], np.int64),
+                                                       g.const([2], np.int64)], hint="current_len")
+        return self._current
+
+    def allowed(self) -> str:
+        """Bool ``[batch, 1, seq, past + seq]``: True where query ``i`` may attend key ``j``."""
+        if self._allowed is not None:
+            return self._allowed
+        g = self.g
+        i64 = np.int64
+        shape = g.add("Shape", [names.ATTENTION_MASK], hint="mask_shape")
+        total = g.add("Squeeze", [g.add("Gather", [shape, g.const([1], i64)], axis=0), g.const([0], i64)],
+                      hint="total_len")
+        current = g.add("Squeeze", [self.current_len(), g.const([0], i64)], hint="current_scalar")
+        past = g.add("Sub", [total, current], hint="past_len")
+        one, zero = g.const(1, i64), g.const(0, i64)
+        key_pos = g.add("Unsqueeze", [g.add("Range", [zero, total, one], hint="key_pos"), g.const([0], i64)])
+        query_pos = g.add("Unsqueeze", [g.add("Range", [past, total, one], hint="query_pos"),
+                                        g.const([1], i64)])
+        causal = g.add("LessOrEqual", [key_pos, query_pos], hint="causal")  # [seq, total]
+        padding = g.add("Unsqueeze", [g.add("Cast", [names.ATTENTION_MASK], to=TensorProto.BOOL),
+                                      g.const([1, 2], i64)], hint="padding")  # [batch, 1, 1, total]
+        self._allowed = g.add("And", [padding, causal], hint="allowed")  # [batch, 1, seq, total]
+        return self._allowed
+
+    def get(self, kind: str, dtype: int) -> str:
+        """The mask of ``kind`` (see :class:`~kvcache.onnx.patterns.MaskEdit`) in element type ``dtype``."""
+        key = (kind, dtype if kind == "additive" else TensorProto.BOOL)
+        if key in self._cache:
+            return self._cache[key]
+        g = self.g
+        if kind == "allowed":
+            out = self.allowed()
+        elif kind == "blocked":
+            out = g.add("Not", [self.allowed()], hint="blocked")
+        else:
+            np_dtype = _NP_FLOAT.get(dtype)
+            if np_dtype is None:
+                raise ValueError(f"attention scores of ONNX element type {dtype} are not supported")
+            # the most negative finite value (as Hugging Face does): a fully masked row (left padding)
+            # then softmaxes to a uniform row instead of NaN
+            low = g.const(np.array(np.finfo(np_dtype).min, dtype=np_dtype), hint="mask_min")
+            out = g.add("Where", [self.allowed(), g.const(np.array(0, dtype=np_dtype)), low], hint="additive")
+        self._cache[key] = out
+        return out
+
+
+def apply_mask_edits(g: Graph, builder: MaskBuilder, edits: list[MaskEdit], dtype: int) -> None:
+    """Point every mask entry point at the injected mask."""
+    for edit in edits:
+        g.replace_input(edit.node, edit.index, builder.get(edit.kind, dtype))
+
+
+def add_mask_before_softmax(g: Graph, builder: MaskBuilder, softmax: onnx.NodeProto, dtype: int) -> None:
+    """For layers whose graph applied no mask (causal-only SDPA): add the injected mask to the logits."""
+    masked = g.add("Add", [softmax.input[0], builder.get("additive", dtype)], hint="masked_scores")
+    g.replace_input(softmax, 0, masked)
+
+
+def repoint_mask_shapes(g: Graph) -> int:
+    """Make surviving ``Shape(attention_mask)`` reads (outside the injected mask) read ``input_ids``.
+
+    Returns how many were moved. Nodes the injector created (named ``kvcache/...``) are left alone.
+    """
+    moved = 0
+    for node in list(g.g.node):
+        if node.op_type == "Shape" and node.input[0] == names.ATTENTION_MASK \
+                and not node.name.startswith("kvcache/"):
+            g.replace_input(node, 0, names.INPUT_IDS)
+            moved += 1
+    return moved
