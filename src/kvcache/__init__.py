@@ -1,5 +1,7 @@
 """kvcache: KV-cache layouts, retention policies and ONNX KV-cache injection for LLM generation."""
 
+from kvcache.attention import enable
+from kvcache.cache import KVCache
 from kvcache.errors import CacheCapacityError, KVCacheError, UnsupportedSpecError
 from kvcache.generation import GenerationResult, GenerationStats, generate
 from kvcache.spec import CacheSpec, SpecError
@@ -11,9 +13,11 @@ __all__ = [
     "CacheSpec",
     "GenerationResult",
     "GenerationStats",
+    "KVCache",
     "KVCacheError",
     "SpecError",
     "UnsupportedSpecError",
     "__version__",
+    "enable",
     "generate",
 ]
