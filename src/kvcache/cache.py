@@ -87,11 +87,18 @@ class HFCacheLayer(CacheLayerMixin):
         return self.store.update(key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)``: the slots the next attention sees — physical, not logical."""
-        capacity = self.store.max_capacity
-        if capacity is not None:
-            return capacity, 0
-        return self.store.physical_length + query_length, 0
+        """``(kv_length, kv_offset)`` for the next ``query_length`` tokens.
+
+        ``kv_length`` is the slot count attention will see: physical, not logical (all of a preallocated
+        buffer). ``kv_offset`` tells the mask builder which position slot 0 stands for: slots hold tokens in
+        position order, and after eviction the newest block sits ``seen - physical_length`` positions later
+        than its slot index. So the new tokens are causal among themselves and slots past the ones held
+        (stale or unfilled in a static buffer) lie in the future and stay masked.
+        """
+        store = self.store
+        capacity = store.max_capacity
+        kv_length = capacity if capacity is not None else store.physical_length + query_length
+        return kv_length, store.seen - store.physical_length
 
     def get_seq_length(self) -> int:
         """Tokens seen (logical length): positions continue from here even after eviction."""
