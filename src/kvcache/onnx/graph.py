@@ -85,7 +85,11 @@ class Graph:
         return None
 
     def ancestor_ops(self, name: str, limit: int = 5000) -> tuple[set[str], set[str]]:
-        """``(op types, graph inputs)`` found upstream of tensor ``name`` (bounded walk)."""
+        """``(op types, graph inputs)`` found upstream of tensor ``name`` (bounded walk).
+
+        The walk does not pass through ``Shape``/``Size``: what flows through them is a size, never the
+        values of the tensors above them (otherwise every layer would "depend" on the previous layers' masks).
+        """
         ops: set[str] = set()
         inputs: set[str] = set()
         seen: set[str] = set()
@@ -101,7 +105,8 @@ class Graph:
             if node is None:
                 continue
             ops.add(node.op_type)
-            stack.extend(i for i in node.input if i)
+            if node.op_type not in ("Shape", "Size"):
+                stack.extend(i for i in node.input if i)
         return ops, inputs
 
     # ----- edits --------------------------------------------------------------------------------------
@@ -231,17 +236,35 @@ def probe_shapes(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, Tens
             d.dim_value = value
     for vi in probe.graph.output:
         vi.type.tensor_type.ClearField("shape")
-    try:
-        inferred = shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception as exc:  # onnx raises InferenceError and friends; report them as one kind
-        raise KVCacheError(f"ONNX shape inference failed on this graph: {exc}") from exc
     info: dict[str, TensorInfo] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+    # ONNX Runtime's symbolic inference evaluates shape arithmetic (Shape->Gather->Concat->Reshape) much
+    # further than onnx's data propagation; the latter fills in what the former could not do
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        _collect(SymbolicShapeInference.infer_shapes(probe, auto_merge=True), info)
+    except Exception:  # any failure there just means we rely on onnx's inference alone
+        pass
+    try:
+        fallback: dict[str, TensorInfo] = {}
+        _collect(shape_inference.infer_shapes(probe, data_prop=True), fallback)
+    except Exception as exc:  # onnx raises InferenceError and friends; report them as one kind
+        if not info:
+            raise KVCacheError(f"ONNX shape inference failed on this graph: {exc}") from exc
+        fallback = {}
+    for name, value in fallback.items():
+        known = info.get(name)
+        if known is None or known.shape is None or None in known.shape:
+            info[name] = value
+    for t in probe.graph.initializer:
+        info[t.name] = TensorInfo(tuple(t.dims), t.data_type)
+    return info
+
+
+def _collect(model: onnx.ModelProto, info: dict[str, TensorInfo]) -> None:
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
         tt = vi.type.tensor_type
         shape = None
         if tt.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         info[vi.name] = TensorInfo(shape, tt.elem_type)
-    for t in probe.graph.initializer:
-        info[t.name] = TensorInfo(tuple(t.dims), t.data_type)
-    return info

@@ -137,7 +137,8 @@ class KVCacheInjector:
             info = probe.get(softmax.input[0])
             dtype = info.elem_type if info is not None else onnx.TensorProto.FLOAT
             sites.append(AttentionSite(layer=layer, qk=qk, av=av, softmax=softmax, key=k[0], value=v[0],
-                                       chain=k[1] + v[1], mask_edits=edits, score_dtype=dtype))
+                                       key_layout=k[2], value_layout=v[2], chain=k[1] + v[1],
+                                       mask_edits=edits, score_dtype=dtype))
         if len(sites) != self.num_layers:
             detail = "; ".join(reasons[:3])
             raise KVCacheError(f"{self.arch}: found {len(sites)} attention layers in the graph but the config "
@@ -166,7 +167,7 @@ class KVCacheInjector:
         repoint_mask_shapes(g)
         builder = MaskBuilder(g)
         for site in sites:
-            inject_cache(g, site, probe, probe2, seq, seq2, self.arch)
+            inject_cache(g, site, (self.num_kv_heads, self.head_dim), probe, probe2, seq, seq2, self.arch)
             if site.mask_edits:
                 apply_mask_edits(g, builder, site.mask_edits, site.score_dtype)
             elif site.softmax is not None:

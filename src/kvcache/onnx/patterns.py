@@ -59,8 +59,10 @@ class AttentionSite:
     qk: onnx.NodeProto                 # MatMul(Q, K^T), or the fused Attention node
     av: onnx.NodeProto                 # MatMul(probs, V), or the fused Attention node
     softmax: onnx.NodeProto | None     # None for the fused Attention op
-    key: str                           # [batch, num_kv_heads, seq, head_dim] tensor to extend with the past
+    key: str                           # per-head key tensor to extend with the past
     value: str
+    key_layout: str = "bhtd"           # a key of LAYOUTS: how `key` is laid out
+    value_layout: str = "bhtd"
     chain: list[onnx.NodeProto] = field(default_factory=list)   # layout nodes between key/value and qk/av
     mask_edits: list[MaskEdit] = field(default_factory=list)
     score_dtype: int = onnx.TensorProto.FLOAT
@@ -120,16 +122,30 @@ def prob_consumer(g: Graph, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
     return None
 
 
-def kv_source(g: Graph, tensor: str, want: tuple[int, ...], probe: dict[str, TensorInfo],
-              probe2: dict[str, TensorInfo], seq2: int) -> tuple[str, list[onnx.NodeProto]] | str:
-    """Walk up from an attention operand to the farthest ``want``-shaped tensor through layout ops.
+#: layouts a cached tensor may be found in, with the permutation to (and from) [batch, heads, seq, dim]
+LAYOUTS: dict[str, tuple[int, int, int, int] | None] = {"bhtd": None, "bthd": (0, 2, 1, 3),
+                                                       "bhdt": (0, 1, 3, 2)}
 
-    Returns ``(tensor, chain)`` with the layout nodes between that tensor and the attention, or the reason
-    the walk failed. ``want`` is ``(batch, num_kv_heads, seq, head_dim)`` in the first probe; in the second
-    probe the sequence dimension must be ``seq2`` (so a static dimension equal to ``seq`` is not mistaken).
+
+def _layout_of(shape: tuple[int | None, ...] | None, want: tuple[int, int, int, int]) -> str | None:
+    if shape is None or len(shape) != 4:
+        return None
+    b, h, t, d = want
+    return {(b, h, t, d): "bhtd", (b, t, h, d): "bthd", (b, h, d, t): "bhdt"}.get(tuple(shape))  # type: ignore
+
+
+def kv_source(g: Graph, tensor: str, want: tuple[int, int, int, int], probe: dict[str, TensorInfo],
+              probe2: dict[str, TensorInfo], seq2: int) -> tuple[str, list[onnx.NodeProto], str] | str:
+    """Walk up from an attention operand to the farthest per-head K/V tensor through layout ops.
+
+    Returns ``(tensor, chain, layout)``: the tensor, the layout nodes between it and the attention, and its
+    layout (a key of :data:`LAYOUTS`: ``[batch, num_kv_heads, seq, head_dim]`` or a transpose of it);
+    or the reason the walk failed. ``want`` is ``(batch, num_kv_heads, seq, head_dim)`` in the first
+    probe; the second probe (sequence ``seq2``) must agree, so a static dimension equal to ``seq`` is not
+    mistaken for the sequence.
     """
     want2 = (want[0], want[1], seq2, want[3])
-    best: tuple[str, int] | None = None
+    best: tuple[str, int, str] | None = None
     path: list[onnx.NodeProto] = []
     seen_shapes: list[str] = []
     t = tensor
@@ -138,8 +154,9 @@ def kv_source(g: Graph, tensor: str, want: tuple[int, ...], probe: dict[str, Ten
         info2 = probe2.get(t)
         shape = info.shape if info else None
         seen_shapes.append(str(list(shape)) if shape else "?")
-        if shape == want and info2 is not None and info2.shape == want2:
-            best = (t, len(path))
+        layout = _layout_of(shape, want)
+        if layout is not None and info2 is not None and _layout_of(info2.shape, want2) == layout:
+            best = (t, len(path), layout)
         node = g.producer.get(t)
         if node is None or node.op_type not in LAYOUT_OPS:
             break
@@ -155,8 +172,9 @@ def kv_source(g: Graph, tensor: str, want: tuple[int, ...], probe: dict[str, Ten
         t = data[0]
     if best is None:
         return (f"no tensor of shape [batch={want[0]}, num_kv_heads={want[1]}, seq={want[2]}, "
-                f"head_dim={want[3]}] on its path (shapes seen, walking up: {' <- '.join(seen_shapes)})")
-    return best[0], path[: best[1]]
+                f"head_dim={want[3]}] (or a transpose of it) on its path (shapes seen, walking up: "
+                f"{' <- '.join(seen_shapes)})")
+    return best[0], path[: best[1]], best[2]
 
 
 def _is_scalar(g: Graph, name: str, probe: dict[str, TensorInfo]) -> bool:
@@ -190,6 +208,8 @@ def find_mask_edits(g: Graph, path: list[tuple[onnx.NodeProto, int]]) -> list[Ma
     """Mask entry points on a score path (see :func:`score_path`), or the reason one cannot be replaced."""
     edits: list[MaskEdit] = []
     for node, score_index in path[:-1]:
+        if node.op_type == "Reshape":
+            continue  # its second input is a target shape, not a mask
         for side in range(len(node.input)):
             if side == score_index:
                 continue

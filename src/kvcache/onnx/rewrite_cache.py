@@ -18,33 +18,38 @@ import onnx
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 from kvcache.onnx.graph import Graph, TensorInfo
-from kvcache.onnx.patterns import AttentionSite
+from kvcache.onnx.patterns import LAYOUTS, AttentionSite
 
 
-def inject_cache(g: Graph, site: AttentionSite, probe: dict[str, TensorInfo], probe2: dict[str, TensorInfo],
-                 seq: int, seq2: int, arch: str) -> tuple[str, str]:
+def inject_cache(g: Graph, site: AttentionSite, site_geometry: tuple[int, int], probe: dict[str, TensorInfo],
+                 probe2: dict[str, TensorInfo], seq: int, seq2: int, arch: str) -> tuple[str, str]:
     """Insert the past/present Concats of one layer; returns the ``(present_key, present_value)`` names."""
     presents = []
-    for kind, tensor, past_name, present_name in (
-        ("key", site.key, names.past_key(site.layer), names.present_key(site.layer)),
-        ("value", site.value, names.past_value(site.layer), names.present_value(site.layer)),
+    heads, head_dim = site_geometry
+    for tensor, layout, past_name, present_name in (
+        (site.key, site.key_layout, names.past_key(site.layer), names.present_key(site.layer)),
+        (site.value, site.value_layout, names.past_value(site.layer), names.present_value(site.layer)),
     ):
-        info = probe[tensor]
-        assert info.shape is not None  # kv_source only returns tensors with a probed shape
+        elem_type = probe[tensor].elem_type
         g.g.input.append(onnx.helper.make_tensor_value_info(
-            past_name, info.elem_type, [names.BATCH_DIM, info.shape[1], names.PAST_DIM, info.shape[3]]))
+            past_name, elem_type, [names.BATCH_DIM, heads, names.PAST_DIM, head_dim]))
         g.inputs.add(past_name)
         old_consumers = list(g.consumers.get(tensor, []))
-        present = g.add("Concat", [past_name, tensor], out=present_name, axis=2)
+        perm = LAYOUTS[layout]
+        # a tensor found transposed (e.g. [batch, seq, heads, dim] when the exporter merged two
+        # transposes into one) is brought to the cache layout and back; ORT folds the transpose pair
+        current = tensor if perm is None else g.add("Transpose", [tensor], hint="to_cache", perm=list(perm))
+        present = g.add("Concat", [past_name, current], out=present_name, axis=2)
+        replacement = present if perm is None else g.add("Transpose", [present], hint="from_cache",
+                                                          perm=list(perm))
         for node in old_consumers:
             for k, name in enumerate(node.input):
                 if name == tensor:
-                    g.replace_input(node, k, present)
+                    g.replace_input(node, k, replacement)
         g.g.output.append(onnx.helper.make_tensor_value_info(
-            present_name, info.elem_type, [names.BATCH_DIM, info.shape[1], names.TOTAL_DIM, info.shape[3]]))
+            present_name, elem_type, [names.BATCH_DIM, heads, names.TOTAL_DIM, head_dim]))
         g.outputs.add(present_name)
         presents.append(present)
-        del kind
     total = g.add("Gather", [g.add("Shape", [presents[0]], hint="present_shape"), g.const([2], np.int64)],
                   hint="total_len", axis=0)
     for node in site.chain:

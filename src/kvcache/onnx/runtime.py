@@ -65,12 +65,25 @@ class OnnxGenerator:
                                    "(it copies the config beside the graph) or pass config=")
             config = AutoConfig.from_pretrained(directory)
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
+        self._tokenizer = tokenizer
+        self._directory = directory
         self.spec = CacheSpec.parse(cache)
         self.spec.require_available()
         self.decoder = DecoderSession(graph, providers=providers, threads=threads,
                                       session_options=session_options)
         self.graph_path = graph
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer given, else the one saved beside the graph (loaded on first use: :meth:`step`
+        works on token ids and needs none)."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self._directory)
+            except (OSError, ValueError) as exc:
+                raise KVCacheError(f"no usable tokenizer in {self._directory} ({exc}); export with a "
+                                   "tokenizer or pass tokenizer= to OnnxGenerator") from exc
+        return self._tokenizer
 
     # ----- one step ---------------------------------------------------------------------------------
     def _empty_past(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
