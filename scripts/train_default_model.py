@@ -72,21 +72,23 @@ class Preset:
     vocab: int = 4096
     max_positions: int = 2048
     rope_theta: float = 10000.0
-    task_fraction: float = 0.6  # share of rows that start with a synthetic retrieval document
-    answer_weight: float = 4.0  # loss weight of answer tokens (they are ~0.5% of the tokens)
+    prose_fraction: float = 0.035  # share of rows that are prose (full LM loss); the rest are retrieval tasks
+    answer_weight: float = 4.0     # loss weight of an answer token (task rows train on their answer only)
+    valid_every: int = 100         # steps between validation-loss measurements
+    corpus_files: int | None = None  # read only this many stdlib files (smoke preset: speed)
 
 
 PRESETS: dict[str, Preset] = {
     # shipped: one H100/H200, bf16 autocast, ~4 min of training
-    "gpu": Preset(steps=2400, batch=64, seq_len=1024, long_every=4, lr=2e-3, warmup=150, budget_s=250.0,
-                  log_every=50),
+    "gpu": Preset(steps=4000, batch=32, seq_len=1024, long_every=4, lr=2e-3, warmup=150, budget_s=240.0,
+                  log_every=100),
     # same recipe on a 2-core CPU, <= ~90 min (measured per-step time x steps; see the card)
     "cpu": Preset(steps=700, batch=8, seq_len=1024, long_every=8, lr=2e-3, warmup=50, budget_s=85 * 60.0,
-                  log_every=10),
+                  log_every=10, prose_fraction=0.15, valid_every=50),
     # proves the pipeline runs (tests, CI): a minute or less, tiny model, short sequences
     "smoke": Preset(steps=12, batch=4, seq_len=256, long_every=4, lr=2e-3, warmup=2, budget_s=30.0,
                     log_every=4, layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512,
-                    max_positions=512),
+                    max_positions=512, prose_fraction=0.5, valid_every=6, corpus_files=120),
 }
 
 
@@ -167,27 +169,33 @@ class Batches(torch.utils.data.IterableDataset):
         return p.batch, p.seq_len
 
     def row(self, rng: random.Random, length: int, step: int, r: int) -> tuple[list[int], list[float]]:
-        ids: list[int] = []
-        weights: list[float] = []
-        if rng.random() < self.p.task_fraction:
-            prose, repeat = self.fillers()
-            kind = rng.choices(("passkey", "multi_needle", "kv"), weights=(0.5, 0.25, 0.25))[0]
-            ctx = rng.randrange(64, length - 16)
-            task_seed = TRAIN_SEED_BASE + (self.seed * 100_000 + step) * 1000 + r  # < EVAL_SEED_BASE
-            ex = make_task(kind, prose if rng.random() < 0.75 else repeat, ctx, seed=task_seed)
-            prompt = self.tok.encode(ex.prompt).ids  # with BOS, as at evaluation
-            answer = self.tok.encode(ex.answer, add_special_tokens=False).ids + [EOS]
-            ids = prompt + answer
-            weights = [1.0] * len(prompt) + [self.p.answer_weight] * len(answer)
-        start = rng.randrange(len(self.prose))
-        need = length + 1 - len(ids)
-        while need > 0:  # prose continues the row (wrapping around the corpus)
-            chunk = self.prose[start:start + need]
-            ids += chunk
-            weights += [1.0] * len(chunk)
-            need -= len(chunk)
-            start = 0
-        return ids[:length + 1], weights[:length + 1]
+        """One row of ``length + 1`` tokens: prose (loss everywhere) or one task (loss on the answer only).
+
+        The prose corpus is small (~0.5M tokens), so prose rows are rationed (``prose_fraction``) and task
+        rows put no loss on their filler: otherwise the model memorises the filler sentences, which costs
+        held-out perplexity. A task row is padded after its answer (pads carry no loss and, being later in
+        the row, are never attended to by the task's tokens).
+        """
+        if rng.random() < self.p.prose_fraction:
+            start = rng.randrange(len(self.prose))
+            ids: list[int] = []
+            while len(ids) < length + 1:  # wraps around the corpus
+                ids += self.prose[start:start + length + 1 - len(ids)]
+                start = 0
+            return ids, [1.0] * len(ids)
+        prose, repeat = self.fillers()
+        kind = rng.choices(("passkey", "multi_needle", "kv"), weights=(0.3, 0.35, 0.35))[0]
+        # half the contexts anywhere in [64, L), half near full length: less padding, more long contexts
+        low = 64 if rng.random() < 0.5 else (3 * length) // 4
+        ctx = rng.randrange(low, length - 16)
+        task_seed = TRAIN_SEED_BASE + (self.seed * 100_000 + step) * 1000 + r  # < EVAL_SEED_BASE
+        ex = make_task(kind, prose if rng.random() < 0.75 else repeat, ctx, seed=task_seed)
+        prompt = self.tok.encode(ex.prompt).ids[:length - 8]  # with BOS, as at evaluation
+        answer = self.tok.encode(ex.answer, add_special_tokens=False).ids + [EOS]
+        ids = prompt + answer
+        weights = [0.0] * len(prompt) + [self.p.answer_weight] * len(answer)
+        pad = length + 1 - len(ids)
+        return ids + [PAD] * pad, weights + [0.0] * pad
 
     def make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = self.shape(step)
@@ -216,6 +224,28 @@ def build_model(p: Preset, attn: str):
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config)
+
+
+def is_valid_doc(doc: Document) -> bool:
+    """About 2% of the training documents are kept aside to measure validation loss during training."""
+    return hashlib.sha256(f"valid:{doc.key}".encode()).digest()[0] < 6
+
+
+@torch.no_grad()
+def valid_loss(model, stream: torch.Tensor, window: int, amp) -> float:
+    """Mean next-token loss over ``stream`` (1-D token ids on the model's device) in windows of ``window``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, stream.numel() - 1, window):
+        ids = stream[i:i + window + 1].unsqueeze(0)
+        if ids.shape[1] < 2:
+            break
+        with amp:
+            logits = model(input_ids=ids[:, :-1]).logits
+        total += torch.nn.functional.cross_entropy(logits.float()[0], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    model.train()
+    return total / max(1, count)
 
 
 def lr_at(progress: float, p: Preset, step: int) -> float:
@@ -278,15 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     heldout_prose, heldout_docs = eval_splits()
-    corpus = build_corpus(exclude=heldout_prose + heldout_docs)
-    texts = [d.text for d in corpus.train]
+    corpus = build_corpus(max_files=p.corpus_files, exclude=heldout_prose + heldout_docs)
+    valid_docs = [d for d in corpus.train if is_valid_doc(d)]
+    train_docs = [d for d in corpus.train if not is_valid_doc(d)]
+    texts = [d.text for d in train_docs]
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
     log(f"corpus: {len(texts)} training documents, {sum(map(len, texts))} chars (sha256 {digest}), "
         f"{len(heldout_prose)} held-out prose, {len(heldout_docs)} held-out documents")
     t_corpus = time.time() - t0
 
     # tokenizer: the prose plus a few hundred task documents, so the templates get their own merges
-    sentences = sentences_of(corpus.train)
+    sentences = sentences_of(train_docs)
     def rough_count(xs: list[str]) -> list[int]:
         return [max(1, len(x) // 4) for x in xs]
     rough = Filler(sentences, rough_count)
@@ -296,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     prose_ids: list[int] = []
     for enc in tok.encode_batch(texts):  # BOS added by the post-processor
         prose_ids += enc.ids + [EOS]
+    valid_ids: list[int] = []
+    for enc in tok.encode_batch([d.text for d in valid_docs]):
+        valid_ids += enc.ids + [EOS]
     log(f"tokenizer: vocab {tok.get_vocab_size()}, prose {len(prose_ids)} tokens "
         f"({sum(map(len, texts)) / len(prose_ids):.2f} chars/token)")
     t_tok = time.time() - t0 - t_corpus
@@ -315,11 +350,24 @@ def main(argv: list[str] | None = None) -> int:
                                          prefetch_factor=4 if workers else None, persistent_workers=False)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    valid_stream = torch.tensor(valid_ids[:32_768], device=device)
+    best: dict = {"loss": float("inf"), "step": -1, "state": None}
+    valid_curve: list[dict] = []
+
+    def validate(step: int, progress: float) -> None:
+        vl = valid_loss(model, valid_stream, p.seq_len, amp)
+        valid_curve.append({"step": step, "valid_loss": round(vl, 4)})
+        log(f"step {step:5d} validation loss {vl:.4f} (perplexity {math.exp(vl):.1f})")
+        # the best checkpoint is chosen from the second half only: retrieval is learnt by then
+        if progress >= 0.5 and vl < best["loss"]:
+            best.update(loss=vl, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
     model.train()
     t_train = time.time()
     history: list[dict] = []
     recent: list[float] = []
     tokens = 0
+    prose_tokens = torch.zeros((), dtype=torch.long, device=device)
     step = 0
     stop_reason = "steps"
     window_t, window_tokens = time.time(), 0
@@ -343,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += ids[:, :-1].numel()
+        prose_tokens += (w[:, 1:] == 1.0).sum()  # prose rows are the only ones with weight 1
         window_tokens += ids[:, :-1].numel()
+        if step > 0 and step % p.valid_every == 0:
+            validate(step, progress)
         if step % p.log_every == 0 or step == p.steps - 1:
             value = loss.item()  # syncs; only on log steps
             recent.append(value)
@@ -359,22 +410,29 @@ def main(argv: list[str] | None = None) -> int:
     log(f"trained {steps_done} steps in {train_s:.1f}s ({tokens / max(train_s, 1e-9):,.0f} tok/s), "
         f"stopped by {stop_reason}")
 
+    validate(steps_done, 1.0)
+    if best["state"] is not None and best["step"] != steps_done:
+        model.load_state_dict(best["state"])
+        log(f"keeping the step-{best['step']} weights (lowest validation loss, {best['loss']:.4f})")
     model.eval()
     save_model(model, tok, args.out, p)
     train_log = {
         "preset": args.preset, "recipe": asdict(p), "seed": args.seed,
         "steps": steps_done, "planned_steps": p.steps, "stopped_by": stop_reason,
-        "tokens_seen": tokens, "tokens_per_s": round(tokens / max(train_s, 1e-9)),
+        "tokens_seen": tokens, "prose_tokens_seen": int(prose_tokens.item()),
+        "prose_epochs": round(prose_tokens.item() / max(1, len(prose_ids)), 2), "tokens_per_s": round(tokens / max(train_s, 1e-9)),
         "wall_time_s": {"corpus": round(t_corpus, 1), "tokenizer": round(t_tok, 1), "train": round(train_s, 1),
                         "total": round(time.time() - t0, 1)},
         "final_loss": round(sum(recent[-3:]) / max(1, len(recent[-3:])), 4) if recent else None,
+        "kept_step": best["step"], "kept_valid_loss": round(best["loss"], 4),
+        "valid_tokens": int(valid_stream.numel()), "valid_curve": valid_curve,
         "param_count": n_params,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__,
                      "tokenizers": __import__("tokenizers").__version__},
-        "corpus": {"train_documents": len(texts), "train_chars": sum(map(len, texts)),
+        "corpus": {"train_documents": len(texts), "valid_documents": len(valid_docs), "train_chars": sum(map(len, texts)),
                    "train_prose_tokens": len(prose_ids), "sha256": digest,
                    "sources": sorted({d.source for d in corpus.train}),
                    "heldout_prose_documents": len(heldout_prose), "heldout_documents": len(heldout_docs)},

@@ -162,13 +162,13 @@ def multi_needle(filler: Filler, context_tokens: int, *, num_needles: int = 3, s
     depths = [rng.random() for _ in doors]
     if depth is not None:
         depths[target] = depth
-    needles = [NEEDLE.format(door=d, key=k) for d, k in zip(doors, keys)]
+    needles = [NEEDLE.format(door=d, key=k) for d, k in zip(doors, keys, strict=False)]
     question = NEEDLE_QUESTION.format(door=doors[target])
     fixed = filler.count(NEEDLE_INTRO) + sum(filler.count(" " + n) for n in needles) + filler.count(question)
     budget = max(0, context_tokens - fixed - 1)
     body, _ = filler.take(rng, budget)
     # insert needles at sentence boundaries, deepest first so earlier indices stay valid
-    for d, n in sorted(zip(depths, needles), reverse=True):
+    for d, n in sorted(zip(depths, needles, strict=False), reverse=True):
         body.insert(round(d * len(body)), n)
     prompt = _join([NEEDLE_INTRO, *body]) + question
     return TaskExample("multi_needle", prompt, " " + keys[target], context_tokens, depths[target], seed,
@@ -193,7 +193,7 @@ def kv_retrieval(filler: Filler, context_tokens: int, *, seed: int, depth: float
             names.append(name)
     values = [_key(rng) for _ in names]
     target = rng.randrange(n_pairs) if depth is None else min(n_pairs - 1, round(depth * (n_pairs - 1)))
-    prompt = KV_INTRO + "".join(KV_LINE.format(name=n, value=v) for n, v in zip(names, values))
+    prompt = KV_INTRO + "".join(KV_LINE.format(name=n, value=v) for n, v in zip(names, values, strict=False))
     prompt += KV_QUESTION.format(name=names[target])
     return TaskExample("kv", prompt, " " + values[target], context_tokens,
                        target / max(1, n_pairs - 1), seed, {"num_pairs": n_pairs})
