@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcache import CacheCapacityError, generate
-from kvcache.models.random import random_model
+from kvcache.models.random import ARCHITECTURES, random_model
 from kvcache.models.tiny_tokenizer import tiny_tokenizer
 from kvcache.sampling import Sampler, _top_p_filter
 from kvcache.stopping import StopChecker, trim_at_stop
@@ -47,6 +47,17 @@ def test_greedy_batch_equals_recompute(model, tokenizer, cache):
     for prompt, ids, text in zip(PROMPTS, result.token_ids, result.texts, strict=True):
         assert ids == recompute_greedy(model, tokenizer, prompt, 10)
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in ("llama", "gpt2")])
+def test_every_architecture_matches_recompute(tokenizer, arch):
+    # BLOOM/MPT take no position_ids (ALiBi from the mask), OPT offsets learned positions, GPT-J/CodeGen
+    # rotate part of the head: all must decode a left-padded batch like a full recompute.
+    model = random_model(arch, seed=1)
+    for cache in ("dynamic", "static"):
+        result = generate(model, tokenizer, PROMPTS, cache=cache, max_new_tokens=4, eos_token_id=[])
+        for prompt, ids in zip(PROMPTS, result.token_ids, strict=True):
+            assert ids == recompute_greedy(model, tokenizer, prompt, 4), (arch, cache, prompt)
 
 
 def test_batch_equals_each_prompt_alone(model, tokenizer):

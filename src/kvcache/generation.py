@@ -166,9 +166,7 @@ def generate(
     device, dtype = param.device, param.dtype
     input_ids, attention_mask = _left_pad(model, tokenizer, prompt_list, device)
     batch, prompt_len = input_ids.shape
-    accepted = inspect.signature(model.forward).parameters
-    use_positions = "position_ids" in accepted
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    forward_kwargs = _ForwardKwargs(model)
 
     kv = KVCache.from_spec(spec, model.config, batch_size=batch, max_cache_len=prompt_len + max_new_tokens,
                            device=device, dtype=dtype)
@@ -180,10 +178,17 @@ def generate(
         )
 
     generator = make_generator(seed, device)
-    # The mask for every step is a prefix of this one: prompt mask, then ones for generated tokens.
-    full_mask = torch.cat(
-        [attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1
-    )
+    # The mask of every step is a prefix of this one: prompt mask, then ones for generated tokens.
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    if capacity is not None:
+        # A preallocated cache shows attention all its slots; the mask spans them all (unwritten slots are
+        # zeros or causally masked), since some models (BLOOM's ALiBi) size their bias from the mask.
+        spare = max(0, capacity - full_mask.shape[1])
+        full_mask = torch.nn.functional.pad(full_mask, (0, spare))[:, :capacity]
+
+    def mask_until(end: int) -> torch.Tensor:
+        return full_mask if capacity is not None else full_mask[:, :end]
+
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish: list[str | None] = [None] * batch
@@ -194,9 +199,8 @@ def generate(
         logits = None
         for lo in range(0, prompt_len, prefill_chunk_size):
             hi = min(lo + prefill_chunk_size, prompt_len)
-            extra = {"position_ids": positions[:, lo:hi]} if use_positions else {}
-            out = model(input_ids=input_ids[:, lo:hi], attention_mask=full_mask[:, :hi], cache=kv,
-                        use_cache=True, **extra, **last_only)
+            out = model(input_ids=input_ids[:, lo:hi], attention_mask=mask_until(hi),
+                        **forward_kwargs(kv, positions[:, lo:hi], lo, hi))
             logits = out.logits
         assert logits is not None  # prompt_len >= 1: _left_pad rejects empty prompts
         next_tokens = sampler(logits[:, -1, :], generator)
@@ -215,10 +219,10 @@ def generate(
                 break
             # Finished rows keep feeding the pad token so the batch stays rectangular.
             step_input = torch.where(alive, next_tokens, pad_id)[:, None]
-            extra = {"position_ids": position} if use_positions else {}
+            seen = prompt_len + steps
             try:
-                out = model(input_ids=step_input, attention_mask=full_mask[:, : prompt_len + steps + 1],
-                            cache=kv, use_cache=True, **extra, **last_only)
+                out = model(input_ids=step_input, attention_mask=mask_until(seen + 1),
+                            **forward_kwargs(kv, position, seen, seen + 1))
             except CacheCapacityError:
                 # A layout whose capacity is not visible up front refused the write; nothing was written.
                 _finish_all(finish, "capacity")
@@ -254,6 +258,33 @@ def generate(
     texts = [checker.text(g, r) for g, r in zip(generated, reasons, strict=True)]
     return GenerationResult(texts=texts, token_ids=generated, finish_reasons=reasons, stats=stats,
                             cache=str(spec))
+
+
+class _ForwardKwargs:
+    """The keyword arguments of one forward call, in the names this model's ``forward`` accepts.
+
+    They differ across transformers 5.x releases (``past_key_values`` became ``cache``; ``cache_position``
+    was dropped) and architectures (BLOOM and MPT take no ``position_ids``), so they are looked up once.
+    """
+
+    def __init__(self, model: Any) -> None:
+        accepted = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
+        self.positions = "position_ids" in accepted
+        self.cache_position = "cache_position" in accepted
+        # Only the last position's logits are needed: skips the vocabulary projection of the prompt.
+        self.fixed: dict[str, Any] = {"use_cache": True}
+        if "logits_to_keep" in accepted:
+            self.fixed["logits_to_keep"] = 1
+
+    def __call__(self, cache: KVCache, position_ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
+        """Arguments for the tokens ``start:end`` (logical indices) at ``(B, end - start)`` positions."""
+        kwargs = {self.cache_name: cache, **self.fixed}
+        if self.positions:
+            kwargs["position_ids"] = position_ids
+        if self.cache_position:
+            kwargs["cache_position"] = torch.arange(start, end, device=position_ids.device)
+        return kwargs
 
 
 def _record(tokens: list[int], generated: list[list[int]], finish: list[str | None],
