@@ -98,6 +98,20 @@ def test_observer_gets_the_weights_the_model_used(arch: str) -> None:
     assert out2.logits.shape == (2, 1, 128)
 
 
+def test_observer_as_forward_argument_for_models_that_do_not_hand_kwargs_to_the_cache() -> None:
+    model = random_model("gpt_neox", attn_implementation="eager")
+    ids = torch.randint(3, 120, (1, 5), generator=torch.Generator().manual_seed(2))
+    seen: list[tuple[int, torch.Tensor]] = []
+    cache = KVCache.from_spec("dynamic", model.config)
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True, use_cache=False)  # eager's weights, the reference
+        with kvcache.enable(model):
+            model(ids, past_key_values=cache, kvcache_observer=lambda i, logits, w: seen.append((i, w)))
+    assert [layer for layer, _ in seen] == [0, 1]
+    for (_, weights), ref_w in zip(seen, ref.attentions, strict=True):
+        assert torch.allclose(weights, ref_w, atol=1e-6)
+
+
 def test_enable_switches_and_restores() -> None:
     model = random_model("llama", attn_implementation="sdpa")
     with kvcache.enable(model) as handle:
