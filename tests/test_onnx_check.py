@@ -15,6 +15,7 @@ from kvcache.models.random import random_model
 from kvcache.onnx import names
 from kvcache.onnx.check import check_graph
 from kvcache.onnx.export import export_model
+from kvcache.onnx.inject import inject_file
 
 
 def scale_present_value(src: Path, dst: Path, factor: float) -> Path:
@@ -36,18 +37,27 @@ def scale_present_value(src: Path, dst: Path, factor: float) -> Path:
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    """(original no-cache graph, with-past graph, broken with-past graph) of a tiny GQA llama."""
+    """(original no-cache graph, injected graph, broken injected graph) of a tiny GQA llama."""
     root = tmp_path_factory.mktemp("check")
     model = random_model("llama", seed=3, num_heads=4, num_kv_heads=2)
     original = export_model(model, root / "plain")
-    with_past = export_model(model, root / "past", with_cache=True)
-    broken = scale_present_value(with_past, root / "broken" / "model.onnx", 1.5)
-    return original, with_past, broken
+    injected = inject_file(original)
+    broken = scale_present_value(injected, root / "broken" / "model.onnx", 1.5)
+    return original, injected, broken
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_other_architectures_and_native_export(arch, tmp_path):
+    """Learned positions (GPT-2) and ALiBi without position_ids (BLOOM); injected and native graphs."""
+    model = random_model(arch, seed=4)
+    original = export_model(model, tmp_path / "plain")
+    assert check_graph(original, inject_file(original)).ok
+    assert check_graph(original, export_model(model, tmp_path / "native", with_cache=True)).ok
 
 
 def test_correct_graph_passes_every_step(graphs):
-    original, with_past, _ = graphs
-    report = check_graph(original, with_past, batch=2, prefill=5, steps=4)
+    original, injected, _ = graphs
+    report = check_graph(original, injected, batch=2, prefill=5, steps=4)
     assert report.ok
     assert [s.tokens for s in report.steps] == [5, 1, 1, 1, 1]
     assert all(s.max_rel < 1e-5 and not s.problem for s in report.steps)
@@ -63,19 +73,19 @@ def test_broken_cache_fails_after_the_prefill(graphs):
 
 
 def test_single_row_and_longer_runs(graphs):
-    original, with_past, _ = graphs
-    assert check_graph(original, with_past, batch=1, prefill=1, steps=6).ok
-    assert check_graph(original, with_past, batch=3, prefill=7, steps=2, seed=5).ok
+    original, injected, _ = graphs
+    assert check_graph(original, injected, batch=1, prefill=1, steps=6).ok
+    assert check_graph(original, injected, batch=3, prefill=7, steps=2, seed=5).ok
 
 
 def test_bad_arguments_and_swapped_graphs(graphs, tmp_path):
-    original, with_past, _ = graphs
+    original, injected, _ = graphs
     with pytest.raises(KVCacheError, match="already takes a KV cache"):
-        check_graph(with_past, with_past)
+        check_graph(injected, injected)
     with pytest.raises(KVCacheError, match="no KV cache"):
         check_graph(original, original)
     with pytest.raises(ValueError, match="prefill"):
-        check_graph(original, with_past, prefill=0)
+        check_graph(original, injected, prefill=0)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not a graph")
     with pytest.raises(KVCacheError, match="could not load"):
@@ -83,9 +93,10 @@ def test_bad_arguments_and_swapped_graphs(graphs, tmp_path):
 
 
 def test_cli_exit_codes(graphs):
-    original, with_past, broken = graphs
+    original, injected, broken = graphs
     runner = CliRunner()
-    ok = runner.invoke(app, ["onnx", "check", str(original), str(with_past.parent)])
+    # a directory holding both graphs: the injected one is found
+    ok = runner.invoke(app, ["onnx", "check", str(original), str(injected.parent)])
     assert ok.exit_code == 0, ok.output
     assert "PASS" in ok.output and "max rel err" in ok.output
     bad = runner.invoke(app, ["onnx", "check", str(original.parent), str(broken), "--steps", "2"])

@@ -1,4 +1,8 @@
-"""OnnxGenerator: generation on ONNX Runtime with the cache on the host, against the PyTorch path."""
+"""OnnxGenerator: generation on ONNX Runtime with the cache on the host, against the PyTorch path.
+
+The graphs are exported without a cache and then injected (the main use); one test runs a natively
+exported with-past graph, which follows the same contract.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from kvcache.models.random import random_model
 from kvcache.models.tiny_tokenizer import tiny_tokenizer
 from kvcache.onnx import names
 from kvcache.onnx.export import export_model
+from kvcache.onnx.inject import inject_file
 from kvcache.onnx.runtime import OnnxGenerator
 from kvcache.onnx.session import DecoderSession
 
@@ -29,22 +34,24 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+def _injected(model, tokenizer, out):
+    """Export ``model`` without a cache into ``out`` and inject one (``out/model_kvcache.onnx``)."""
+    export_model(model, out, tokenizer=tokenizer)
+    inject_file(out)
+    return model, out
+
+
 @pytest.fixture(scope="module")
 def llama(tokenizer, tmp_path_factory):
-    """A tiny GQA llama (4 query heads, 2 KV heads) and its with-past graph directory."""
+    """A tiny GQA llama (4 query heads, 2 KV heads) and its directory with the injected graph."""
     model = random_model("llama", seed=1, num_layers=2, hidden=64, num_heads=4, num_kv_heads=2)
-    out = tmp_path_factory.mktemp("llama")
-    export_model(model, out, tokenizer=tokenizer, with_cache=True)
-    return model, out
+    return _injected(model, tokenizer, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
 def bloom(tokenizer, tmp_path_factory):
     """ALiBi, no position_ids input: positions must come from the mask alone."""
-    model = random_model("bloom", seed=2)
-    out = tmp_path_factory.mktemp("bloom")
-    export_model(model, out, tokenizer=tokenizer, with_cache=True)
-    return model, out
+    return _injected(random_model("bloom", seed=2), tokenizer, tmp_path_factory.mktemp("bloom"))
 
 
 @pytest.mark.parametrize("spec", ["dynamic", "static", "static:capacity=64"])
@@ -58,6 +65,14 @@ def test_greedy_batch_matches_pytorch(llama, tokenizer, spec):
     assert ours.cache == ref.cache
     assert ours.stats.new_tokens == 24 and ours.stats.decode_steps == 11
     assert ours.stats.prompt_tokens == ref.stats.prompt_tokens
+
+
+def test_native_with_past_export_matches_pytorch(llama, tokenizer, tmp_path):
+    model = llama[0]
+    export_model(model, tmp_path, tokenizer=tokenizer, with_cache=True)
+    ours = OnnxGenerator(tmp_path / "model.onnx").generate(PROMPTS, max_new_tokens=8, eos_token_id=[])
+    ref = generate(model, tokenizer, PROMPTS, max_new_tokens=8, eos_token_id=[])
+    assert ours.token_ids == ref.token_ids
 
 
 def test_alibi_model_without_position_ids(bloom, tokenizer):
@@ -132,7 +147,7 @@ def test_sampling_is_reproducible_with_a_seed(llama):
 
 def test_decoder_session_binding_equals_plain_run(llama):
     """The IOBinding path (torch memory bound directly) gives exactly what session.run gives."""
-    graph = llama[1] / "model.onnx"
+    graph = llama[1] / "model_kvcache.onnx"
     dec = DecoderSession(graph)
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     torch.manual_seed(0)
@@ -156,13 +171,11 @@ def test_decoder_session_binding_equals_plain_run(llama):
 def test_errors_name_the_problem(llama, tmp_path, tokenizer):
     with pytest.raises(KVCacheError, match="does not exist"):
         OnnxGenerator(tmp_path / "missing")
-    shutil.copy(llama[1] / "model.onnx", tmp_path / "model.onnx")
+    shutil.copy(llama[1] / "model_kvcache.onnx", tmp_path / "model_kvcache.onnx")
     with pytest.raises(KVCacheError, match="config.json"):
         OnnxGenerator(tmp_path)
-    plain = tmp_path / "plain"
-    export_model(llama[0], plain, tokenizer=tokenizer)
-    with pytest.raises(KVCacheError, match="inject"):
-        OnnxGenerator(plain)
+    with pytest.raises(KVCacheError, match="inject"):  # the original, no-cache graph
+        OnnxGenerator(llama[1] / "model.onnx")
     gen = OnnxGenerator(llama[1])
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate("a", max_new_tokens=0)
@@ -187,4 +200,4 @@ def test_cli_generate_text_and_errors(llama, tmp_path):
     ok = runner.invoke(app, ["onnx", "generate", str(llama[1]), "ab", "--max-new-tokens", "3"])
     assert ok.exit_code == 0, ok.output
     bad = runner.invoke(app, ["onnx", "generate", str(tmp_path), "ab"])
-    assert bad.exit_code != 0 and "model.onnx" in bad.output
+    assert bad.exit_code == 2 and "model.onnx" in bad.output

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from transformers import AutoConfig
 
+from kvcache.cache import model_cache_shape
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 from kvcache.onnx.session import GraphSignature, resolve_graph
@@ -138,7 +140,7 @@ def check_graph(
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     orig_path = _original_path(original)
-    tested_path, _ = resolve_graph(tested)
+    tested_path, tested_dir = resolve_graph(tested)
     ref_sess, sess = _session(orig_path), _session(tested_path)
     ref_inputs = {i.name for i in ref_sess.get_inputs()}
     if any(names.is_cache_input(n) for n in ref_inputs):
@@ -158,7 +160,7 @@ def check_graph(
 
     report = CheckReport(original=str(orig_path), tested=str(tested_path), batch=batch, tol=tol)
     cache_dtype = np.float16 if sig.dtype.itemsize == 2 else np.float32
-    heads, dim = sig.num_kv_heads, sig.head_dim
+    heads, dim = _expected_geometry(tested_dir, sig)
     past: list[np.ndarray] | None = None
     seen = np.zeros(batch, np.int64)
     bounds = [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]
@@ -197,6 +199,15 @@ def check_graph(
                 max_abs = max_rel = float("inf")
         report.steps.append(StepComparison(step, end - start, max_abs, max_rel, problem))
     return report
+
+
+def _expected_geometry(directory: Path, sig: GraphSignature) -> tuple[int | None, int | None]:
+    """Cache ``(num_kv_heads, head_dim)`` the graph must use: from ``config.json`` beside it when there is
+    one (so a graph that caches all query heads of a GQA model fails), else as the graph declares them."""
+    if not (directory / "config.json").is_file():
+        return sig.num_kv_heads, sig.head_dim
+    _, kv_heads, head_dims = model_cache_shape(AutoConfig.from_pretrained(directory))
+    return kv_heads[0], head_dims[0]
 
 
 def _run_reference(sess: ort.InferenceSession, inputs: set[str], ids: np.ndarray,

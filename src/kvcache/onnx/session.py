@@ -33,8 +33,9 @@ _TORCH_TO_NUMPY: dict[torch.dtype, type] = {
 }
 
 
-#: file names tried, in order, when a directory is given
-GRAPH_FILE_NAMES: tuple[str, ...] = ("model_kv.onnx", "model_with_past.onnx", "model.onnx")
+#: file names tried, in order, when a directory is given: the injector's default output
+#: (``kvcache onnx inject DIR``), then the exporter's (``kvcache onnx export --with-cache``)
+GRAPH_FILE_NAMES: tuple[str, ...] = ("model_kvcache.onnx", "model.onnx")
 
 
 def resolve_graph(path: str | Path) -> tuple[Path, Path]:
