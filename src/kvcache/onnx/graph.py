@@ -122,8 +122,8 @@ class Graph:
             **attrs: object) -> str:
         """Append a node ``op(inputs)`` and return its (single) output name."""
         output = out or self.fresh(hint or op)
-        node = helper.make_node(op, list(inputs), [output], name=self.fresh(op + "_node"), **attrs)
-        self.g.node.append(node)
+        self.g.node.append(helper.make_node(op, list(inputs), [output], name=self.fresh(op + "_node"), **attrs))
+        node = self.g.node[-1]  # the container holds a copy: index the copy, the one later edits must change
         self.producer[output] = node
         for i in node.input:
             if i:
@@ -144,16 +144,6 @@ class Graph:
         if old in self.consumers and node in self.consumers[old] and old not in node.input:
             self.consumers[old] = [n for n in self.consumers[old] if n is not node]
         self.consumers.setdefault(new, []).append(node)
-
-    def replace_uses(self, old: str, new: str, *, exclude: Iterable[onnx.NodeProto] = ()) -> None:
-        """Point every consumer of ``old`` (except ``exclude``) at ``new``."""
-        skip = {id(n) for n in exclude}
-        for node in list(self.consumers.get(old, [])):
-            if id(node) in skip:
-                continue
-            for k, name in enumerate(node.input):
-                if name == old:
-                    self.replace_input(node, k, new)
 
     def prune(self) -> None:
         """Drop nodes, initializers and value_info that no graph output depends on."""

@@ -29,7 +29,8 @@ from kvcache.onnx import names
 from kvcache.onnx.graph import Graph, probe_shapes
 from kvcache.onnx.patterns import AttentionSite, find_mask_edits, kv_source, prob_consumer, score_path
 from kvcache.onnx.rewrite_cache import inject_cache
-from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits, repoint_mask_shapes
+from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits
+from kvcache.onnx.rewrite_sizes import split_mask_sizes
 from kvcache.onnx.rewrite_stats import add_attention_stats
 
 #: files copied beside an injected graph written to another directory
@@ -163,8 +164,8 @@ class KVCacheInjector:
         probe = probe_shapes(model, batch, seq)
         probe2 = probe_shapes(model, batch, seq2)
         sites = self.find_sites(g, probe, probe2, batch, seq, seq2)
-        # read before edits: the dynamo exporter's shape reads of the mask become the current length
-        repoint_mask_shapes(g)
+        # before any edit: sizes the exporter read from the mask are split into current/total lengths
+        split_mask_sizes(g, sites, probe)
         builder = MaskBuilder(g)
         for site in sites:
             inject_cache(g, site, (self.num_kv_heads, self.head_dim), probe, probe2, seq, seq2, self.arch)

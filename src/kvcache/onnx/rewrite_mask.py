@@ -8,10 +8,6 @@ the pass builds (once)::
 
 and feeds it (bool, negated bool, or additive 0 / most-negative float) to every mask entry point found by
 :func:`kvcache.onnx.patterns.find_mask_edits`; the old mask computation becomes dead and is pruned.
-
-Graphs from the dynamo exporter take the batch and sequence sizes used by reshapes from
-``Shape(attention_mask)`` (the exporter unified the two symbols); :func:`repoint_mask_shapes` moves those
-reads to ``input_ids``, whose sequence axis is still the current length.
 """
 
 from __future__ import annotations
@@ -98,17 +94,3 @@ def add_mask_before_softmax(g: Graph, builder: MaskBuilder, softmax: onnx.NodePr
     """For layers whose graph applied no mask (causal-only SDPA): add the injected mask to the logits."""
     masked = g.add("Add", [softmax.input[0], builder.get("additive", dtype)], hint="masked_scores")
     g.replace_input(softmax, 0, masked)
-
-
-def repoint_mask_shapes(g: Graph) -> int:
-    """Make surviving ``Shape(attention_mask)`` reads (outside the injected mask) read ``input_ids``.
-
-    Returns how many were moved. Nodes the injector created (named ``kvcache/...``) are left alone.
-    """
-    moved = 0
-    for node in list(g.g.node):
-        if node.op_type == "Shape" and node.input[0] == names.ATTENTION_MASK \
-                and not node.name.startswith("kvcache/"):
-            g.replace_input(node, 0, names.INPUT_IDS)
-            moved += 1
-    return moved
