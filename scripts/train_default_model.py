@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -34,17 +35,25 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-from kvcache.bench.tasks import TRAIN_SEED_BASE, Filler, make_task  # noqa: E402
-from kvcache.models.corpus import (  # noqa: E402
-    Document,
-    build_corpus,
-    load_eval_split,
-    prose_paragraphs,
-    split_sentences,
-    write_eval_split,
-)
+
+def _load(name: str, relpath: str):
+    """Import one self-contained module by path: the job must not depend on the rest of the package
+    (``kvcache/__init__`` pulls in code that needs a newer transformers than the GPU image has)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "src" / "kvcache" / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class body runs
+    spec.loader.exec_module(module)
+    return module
+
+
+_tasks = _load("kvcache_bench_tasks", "bench/tasks.py")
+_corpus = _load("kvcache_models_corpus", "models/corpus.py")
+
+TRAIN_SEED_BASE, Filler, make_task = _tasks.TRAIN_SEED_BASE, _tasks.Filler, _tasks.make_task
+Document, build_corpus, load_eval_split = _corpus.Document, _corpus.build_corpus, _corpus.load_eval_split
+prose_paragraphs, split_sentences = _corpus.prose_paragraphs, _corpus.split_sentences
+write_eval_split = _corpus.write_eval_split
 
 DEFAULT_DIR = ROOT / "src" / "kvcache" / "models" / "default"
 EVAL_DIR = DEFAULT_DIR / "eval"
@@ -72,8 +81,8 @@ class Preset:
     vocab: int = 4096
     max_positions: int = 2048
     rope_theta: float = 10000.0
-    prose_fraction: float = 0.035  # share of rows that are prose (full LM loss); the rest are retrieval tasks
-    answer_weight: float = 4.0     # loss weight of an answer token (task rows train on their answer only)
+    prose_fraction: float = 0.05   # share of rows that are prose (full LM loss); the rest are retrieval tasks
+    answer_weight: float = 4.0     # loss weight of an answer token (task rows: no loss on prose filler)
     valid_every: int = 100         # steps between validation-loss measurements
     corpus_files: int | None = None  # read only this many stdlib files (smoke preset: speed)
 
@@ -169,12 +178,15 @@ class Batches(torch.utils.data.IterableDataset):
         return p.batch, p.seq_len
 
     def row(self, rng: random.Random, length: int, step: int, r: int) -> tuple[list[int], list[float]]:
-        """One row of ``length + 1`` tokens: prose (loss everywhere) or one task (loss on the answer only).
+        """One row of ``length + 1`` tokens: prose (loss everywhere) or one task document.
 
-        The prose corpus is small (~0.5M tokens), so prose rows are rationed (``prose_fraction``) and task
-        rows put no loss on their filler: otherwise the model memorises the filler sentences, which costs
-        held-out perplexity. A task row is padded after its answer (pads carry no loss and, being later in
-        the row, are never attended to by the task's tokens).
+        The prose corpus is small (~0.4M tokens), so prose rows are rationed (``prose_fraction``) and task
+        rows put no loss on their prose filler: otherwise the model memorises the filler sentences, which
+        costs held-out perplexity. The task text itself (instructions, needles that state their key twice,
+        key-value lines, the question) and the repeated-haystack filler keep their loss: their short-range
+        repetitions are what grows the copying (induction) heads that long-range retrieval builds on; with
+        loss on the answer alone a trial run never learnt retrieval. A task row is padded after its answer
+        (pads carry no loss and, coming later in the row, are never attended to by the task's tokens).
         """
         if rng.random() < self.p.prose_fraction:
             start = rng.randrange(len(self.prose))
@@ -184,16 +196,26 @@ class Batches(torch.utils.data.IterableDataset):
                 start = 0
             return ids, [1.0] * len(ids)
         prose, repeat = self.fillers()
-        kind = rng.choices(("passkey", "multi_needle", "kv"), weights=(0.3, 0.35, 0.35))[0]
+        kind = rng.choices(("passkey", "multi_needle", "kv"), weights=(0.4, 0.3, 0.3))[0]
         # half the contexts anywhere in [64, L), half near full length: less padding, more long contexts
-        low = 64 if rng.random() < 0.5 else (3 * length) // 4
-        ctx = rng.randrange(low, length - 16)
+        low = (256 if kind == "multi_needle" else 64) if rng.random() < 0.5 else (3 * length) // 4
+        ctx = rng.randrange(min(low, length // 2), length - 16)
         task_seed = TRAIN_SEED_BASE + (self.seed * 100_000 + step) * 1000 + r  # < EVAL_SEED_BASE
-        ex = make_task(kind, prose if rng.random() < 0.75 else repeat, ctx, seed=task_seed)
-        prompt = self.tok.encode(ex.prompt).ids[:length - 8]  # with BOS, as at evaluation
+        use_prose = rng.random() < 0.65
+        ex = make_task(kind, prose if use_prose else repeat, ctx, seed=task_seed)
+        enc = self.tok.encode(ex.prompt)  # with BOS, as at evaluation
+        filler = bytearray(len(ex.prompt) + 1)
+        if use_prose:
+            for a, b in ex.filler_spans:
+                filler[a:b] = b"\x01" * (b - a)
+        # special tokens (BOS) have offsets (0, 0): weight them like task text
+        prompt_w = [0.0 if filler[start] and end > start else 1.0 for start, end in enc.offsets]
+        if len(enc.ids) > length - 8:  # only with a tiny vocabulary (smoke preset): the question would be cut
+            return [PAD] * (length + 1), [0.0] * (length + 1)
+        prompt = enc.ids
         answer = self.tok.encode(ex.answer, add_special_tokens=False).ids + [EOS]
         ids = prompt + answer
-        weights = [0.0] * len(prompt) + [self.p.answer_weight] * len(answer)
+        weights = prompt_w + [self.p.answer_weight] * len(answer)
         pad = length + 1 - len(ids)
         return ids + [PAD] * pad, weights + [0.0] * pad
 
@@ -343,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     workers = args.workers if args.workers is not None else (
-        min(6, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0)
+        min(10, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the loader forks after the tokenizer was used
     data = Batches(tok, prose_ids, sentences, p, args.seed, 0, p.steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,

@@ -37,7 +37,7 @@ KV_QUESTION = "\nWhat is the value of key {name}? The value of key {name} is"
 
 NEEDLE_INTRO = ("Several pass keys are hidden inside a lot of irrelevant text, one for each door. "
                 "Find them and memorize them.")
-NEEDLE = "The pass key for the {door} door is {key}. Remember it."
+NEEDLE = "The pass key for the {door} door is {key}. Remember it. {key} is the pass key for the {door} door."
 NEEDLE_QUESTION = "\nWhat is the pass key for the {door} door? The pass key for the {door} door is"
 DOORS: tuple[str, ...] = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple", "silver",
                           "golden", "brown", "gray")
@@ -64,6 +64,9 @@ class TaskExample:
         Where the needle sits in the filler, 0 (start) to 1 (end); ``None`` for key-value retrieval.
     seed:
         The seed that produced it.
+    filler_spans:
+        ``(start, end)`` character spans of the prompt that are filler (each with its leading space), so a
+        trainer can leave them out of the loss; everything else is task text.
     """
 
     kind: str
@@ -73,6 +76,7 @@ class TaskExample:
     depth: float | None
     seed: int
     meta: dict[str, object] = field(default_factory=dict)
+    filler_spans: tuple[tuple[int, int], ...] = ()
 
 
 class Filler:
@@ -128,8 +132,25 @@ def _key(rng: random.Random) -> str:
     return str(rng.randrange(10_000, 100_000))
 
 
-def _join(parts: Sequence[str]) -> str:
-    return " ".join(p for p in parts if p)
+def _assemble(parts: Sequence[tuple[str, bool]]) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """Join ``(text, is_filler)`` parts with spaces; return the text and the filler spans.
+
+    A filler span starts at the space before its sentence, so every token of the sentence (byte-level
+    tokens carry their leading space) falls inside it.
+    """
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for i, (text, is_filler) in enumerate(parts):
+        sep = " " if i else ""
+        if is_filler:
+            if spans and spans[-1][1] == pos:  # merge adjacent filler sentences
+                spans[-1] = (spans[-1][0], pos + len(sep) + len(text))
+            else:
+                spans.append((pos, pos + len(sep) + len(text)))
+        out.append(sep + text)
+        pos += len(sep) + len(text)
+    return "".join(out), tuple(spans)
 
 
 def passkey(filler: Filler, context_tokens: int, *, depth: float, seed: int) -> TaskExample:
@@ -143,8 +164,10 @@ def passkey(filler: Filler, context_tokens: int, *, depth: float, seed: int) -> 
     budget = max(0, context_tokens - fixed - 1)  # -1: the BOS token the tokenizer adds
     before, used = filler.take(rng, round(budget * depth))
     after, _ = filler.take(rng, budget - used)
-    prompt = _join([PASSKEY_INTRO, *before, needle, *after]) + PASSKEY_QUESTION
-    return TaskExample("passkey", prompt, " " + key, context_tokens, depth, seed)
+    prompt, spans = _assemble([(PASSKEY_INTRO, False), *((s, True) for s in before), (needle, False),
+                               *((s, True) for s in after)])
+    return TaskExample("passkey", prompt + PASSKEY_QUESTION, " " + key, context_tokens, depth, seed,
+                       filler_spans=spans)
 
 
 def multi_needle(filler: Filler, context_tokens: int, *, num_needles: int = 3, seed: int,
@@ -166,13 +189,14 @@ def multi_needle(filler: Filler, context_tokens: int, *, num_needles: int = 3, s
     question = NEEDLE_QUESTION.format(door=doors[target])
     fixed = filler.count(NEEDLE_INTRO) + sum(filler.count(" " + n) for n in needles) + filler.count(question)
     budget = max(0, context_tokens - fixed - 1)
-    body, _ = filler.take(rng, budget)
+    sentences, _ = filler.take(rng, budget)
+    body = [(s, True) for s in sentences]
     # insert needles at sentence boundaries, deepest first so earlier indices stay valid
-    for d, n in sorted(zip(depths, needles, strict=False), reverse=True):
-        body.insert(round(d * len(body)), n)
-    prompt = _join([NEEDLE_INTRO, *body]) + question
-    return TaskExample("multi_needle", prompt, " " + keys[target], context_tokens, depths[target], seed,
-                       {"num_needles": num_needles, "door": doors[target]})
+    for d, n in sorted(zip(depths, needles, strict=True), reverse=True):
+        body.insert(round(d * len(sentences)), (n, False))
+    prompt, spans = _assemble([(NEEDLE_INTRO, False), *body])
+    return TaskExample("multi_needle", prompt + question, " " + keys[target], context_tokens, depths[target],
+                       seed, {"num_needles": num_needles, "door": doors[target]}, spans)
 
 
 def kv_retrieval(filler: Filler, context_tokens: int, *, seed: int, depth: float | None = None) -> TaskExample:
