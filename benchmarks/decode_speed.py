@@ -45,6 +45,8 @@ QUICK_MODEL = dict(num_layers=2, hidden=128, num_heads=4, num_kv_heads=2, vocab_
 BASELINE = "hf DynamicCache"
 CACHED = ("kvcache dynamic", "kvcache static", "hf DynamicCache", "hf StaticCache")
 RECOMPUTE = "recompute (no cache)"
+#: tokens appended when timing ``cache.update`` alone (cheap, so many: less noise)
+UPDATE_STEPS = 64
 
 
 def _sync(device: torch.device) -> None:
@@ -101,6 +103,23 @@ def _time_decode(model: Any, cache: Cache, token: torch.Tensor, steps: int,
     return (time.perf_counter() - start) / steps, token
 
 
+def _time_updates(cache: Cache, num_layers: int, steps: int, device: torch.device) -> float:
+    """Seconds per token spent in ``cache.update`` alone (all layers), without the model around it.
+
+    Appends ``steps`` random tokens: run it last on a cache, its contents are garbage afterwards.
+    """
+    k, v = cache.layers[0].keys, cache.layers[0].values
+    new_k = torch.randn_like(k[:, :, :1])
+    new_v = torch.randn_like(v[:, :, :1])
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        for idx in range(num_layers):
+            cache.update(new_k, new_v, idx)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def _time_recompute(model: Any, prompt: torch.Tensor, steps: int, device: torch.device) -> list[float]:
     """Seconds per token when every new token re-runs the whole sequence without a cache."""
     ids = prompt
@@ -121,15 +140,17 @@ def run(contexts: list[int], steps: int, repeats: int, recompute_steps: int, mod
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every cache at every context; returns a JSON-serialisable dict (see module docstring)."""
     torch.manual_seed(0)
-    model = random_model("llama", attn_implementation=attn, dtype=dtype,
-                         max_positions=max(contexts) + repeats * steps + 64, **model_kwargs).to(device)
+    longest = max(contexts) + (repeats + 1) * steps + UPDATE_STEPS + 1
+    model = random_model("llama", attn_implementation=attn, dtype=dtype, max_positions=longest + 63,
+                         **model_kwargs).to(device)
+    layers = model.config.num_hidden_layers
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for context in contexts:
             prompt = torch.randint(0, vocab, (1, context), device=device)
             source, first = _prefill(model, prompt, chunk=512)
-            capacity = context + (repeats + 1) * steps + 1
+            capacity = context + (repeats + 1) * steps + UPDATE_STEPS + 1
             caches = {name: _new_cache(name, model, capacity, device, dtype) for name in CACHED}
             tokens = {}
             for name, cache in caches.items():
@@ -146,13 +167,17 @@ def run(contexts: list[int], steps: int, repeats: int, recompute_steps: int, mod
             # All caches saw the same prompt and greedy path: their tokens must agree (a correctness check).
             agree = len({int(t) for t in tokens.values()}) == 1
             per_token[RECOMPUTE] = _time_recompute(model, prompt, recompute_steps, device)
+            # The cache's own share of a step, to explain the differences between the rows above.
+            update_ms = {name: 1e3 * _time_updates(cache, layers, UPDATE_STEPS, device)
+                         for name, cache in caches.items()}
             base = statistics.median(per_token[BASELINE])
             for name, times in per_token.items():
                 ms = statistics.median(times) * 1e3
                 rows.append({"context": context, "cache": name, "ms_per_token": ms,
                              "ratio_to_dynamiccache": ms / (base * 1e3),
                              "samples_ms": [t * 1e3 for t in times],
-                             "tokens_agree": agree if name != RECOMPUTE else None})
+                             "tokens_agree": agree if name != RECOMPUTE else None,
+                             "update_ms_per_token": update_ms.get(name)})
             log(f"context {context}: done" + ("" if agree else " (WARNING: caches disagree on tokens)"))
             del caches, source
     return {
@@ -188,7 +213,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     g = report["goals"]
     longest = max(contexts)
-    lines.append("")
+    lines += ["", "cache.update alone, all layers, ms per token: " + "; ".join(
+        f"@{c}: " + ", ".join(f"{name} {at[(c, name)]['update_ms_per_token']:.2f}" for name in CACHED)
+        for c in contexts), ""]
     lines.append(f"kvcache dynamic / DynamicCache, worst context: {g['kvcache_dynamic_worst_ratio']:.3f} "
                  f"(goal <= 1.05: {'met' if g['kvcache_dynamic_within_1_05'] else 'MISSED'}); "
                  f"recompute / kvcache dynamic at {longest}: "
