@@ -98,10 +98,18 @@ class HFCacheLayer(CacheLayerMixin):
         store = self.store
         capacity = store.max_capacity
         kv_length = capacity if capacity is not None else store.physical_length + query_length
-        return kv_length, store.seen - store.physical_length
+        return kv_length, store.evicted
 
     def get_seq_length(self) -> int:
-        """Tokens seen (logical length): positions continue from here even after eviction."""
+        """Tokens seen (logical length): positions continue from here even after eviction.
+
+        Inside a compiled step, a layer that keeps the count on the device returns it as a 0-d tensor (as
+        transformers' own static layer does), so the step does not depend on a changing Python int.
+        """
+        if torch.compiler.is_compiling():
+            seen = self.store.seen_tensor()
+            if seen is not None:
+                return seen  # type: ignore[return-value]
         return self.store.seen
 
     def get_max_length(self) -> int:
@@ -261,7 +269,7 @@ class KVCache(Cache):
         """Tokens seen by ``layer_idx`` (logical length; positions continue from it)."""
         if layer_idx >= len(self.layers):
             return 0
-        return self.layers[layer_idx].store.seen
+        return self.layers[layer_idx].get_seq_length()
 
     def physical_length(self, layer_idx: int = 0) -> int:
         """Slots ``layer_idx`` holds now (tokens kept)."""

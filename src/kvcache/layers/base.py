@@ -95,6 +95,16 @@ class CacheLayer(ABC):
 
     # ----- shared helpers ----------------------------------------------------------------------------
     @property
+    def evicted(self) -> int:
+        """Tokens seen but no longer held (``seen - physical_length``): the position shift of the slots."""
+        return self.seen - self.physical_length
+
+    def seen_tensor(self) -> torch.Tensor | None:
+        """``seen`` as a 0-d device tensor, for layers that keep it on the device (compiled steps read it
+        without turning a changing Python int into a graph input); ``None`` for host-only layers."""
+        return None
+
+    @property
     def max_capacity(self) -> int | None:
         """The fixed number of slots for preallocated layouts, ``None`` for growable ones."""
         return None

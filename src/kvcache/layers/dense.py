@@ -159,14 +159,22 @@ class StaticLayer(CacheLayer):
 
     The buffers ``(B, H_kv, capacity, D)`` are allocated once; ``update`` writes the new tokens with
     ``index_copy_`` at a position held in a 0-d device tensor, so a decode step has no host synchronisation
-    and keeps the buffer addresses fixed (CUDA graphs). ``update`` returns the whole buffers; slots past the
-    tokens held are masked by the causal mask (``KVCache.get_mask_sizes`` reports ``capacity``).
+    and keeps the buffer addresses fixed (they are marked static for CUDA graphs). ``update`` returns the
+    whole buffers; slots past the tokens held are masked by the causal mask (``KVCache.get_mask_sizes``
+    reports ``capacity``).
+
+    Lengths live in two places. Eagerly, the Python counts are the truth and ``update`` checks the capacity
+    with them. Inside a compiled step (``torch.compile``), reading or bumping a Python count that changes
+    every step would make it a graph input that changes every step (recompiles, no CUDA graphs), so a
+    compiled step moves only the device position and the counts are re-read from it (one host sync) the
+    next time they are asked for. The capacity check is then the caller's: a compiled step cannot raise
+    without a host sync (``kvcache.generate`` checks ``physical_length()`` before every step).
 
     Parameters
     ----------
     capacity:
-        Slots per sequence. An update that would exceed it raises :class:`~kvcache.errors.CacheCapacityError`
-        before writing anything.
+        Slots per sequence. An eager update that would exceed it raises
+        :class:`~kvcache.errors.CacheCapacityError` before writing anything.
     batch_size, num_kv_heads, head_dim:
         Shape of the preallocated buffers.
     dtype, device:
@@ -183,68 +191,104 @@ class StaticLayer(CacheLayer):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         for name, v in (("capacity", capacity), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise KVCacheError(f"StaticLayer {name} must be an integer >= 1, got {v!r}")
         self.capacity = capacity
         self._allocate(batch_size, num_kv_heads, head_dim, head_dim, dtype, torch.device(device or "cpu"))
+        super().__init__()  # sets seen = 0 through the property below
 
     def _allocate(self, b: int, h: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> None:
         self._keys = torch.zeros((b, h, self.capacity, dk), dtype=dtype, device=device)
         self._values = torch.zeros((b, h, self.capacity, dv), dtype=dtype, device=device)
-        # Write position as a device tensor: the step computes its slots without reading a Python int that
-        # changes every step (which would make torch.compile recompile) and without a host sync.
+        # Physical write position as a device tensor: a step computes its slots from it without a host sync.
         self._write_pos = torch.zeros((), dtype=torch.long, device=device)
-        self._length = 0
+        self._length = 0  # slots held (host copy of _write_pos, valid unless _stale)
+        self._evicted = 0  # tokens seen but dropped: seen = held + evicted; changes only in eager keep/crop
+        self._stale = False  # a compiled step moved _write_pos without updating _length
+        if not torch.compiler.is_compiling():
+            # Fixed addresses: mutating them in a compiled step must not count as mutating graph inputs
+            # (which would make torch.compile skip CUDA graphs).
+            for t in (self._keys, self._values, self._write_pos):
+                torch._dynamo.mark_static_address(t)
+
+    # ----- lengths --------------------------------------------------------------------------------------
+    def _held(self) -> int:
+        if self._stale:
+            self._length = int(self._write_pos)  # the one host sync after compiled steps
+            self._stale = False
+        return self._length
+
+    @property  # type: ignore[override]
+    def seen(self) -> int:
+        return self._held() + self._evicted
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._evicted = value - self._held()
+
+    @property
+    def physical_length(self) -> int:
+        return self._held()
+
+    @property
+    def evicted(self) -> int:
+        return self._evicted
+
+    def seen_tensor(self) -> torch.Tensor:
+        return self._write_pos + self._evicted
 
     @property
     def max_capacity(self) -> int | None:
         return self.capacity
 
+    # ----- the contract ---------------------------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``(B, H_kv, T_new, D)`` keys/values; return the full ``(B, H_kv, capacity, D)`` buffers.
 
         Raises
         ------
         CacheCapacityError
-            If ``T_new`` more tokens do not fit; nothing is written.
+            If ``T_new`` more tokens do not fit (checked eagerly); nothing is written.
         """
         _check_kv(key, value)
         t = key.shape[2]
-        if self._length + t > self.capacity:
-            raise CacheCapacityError(
-                f"static cache overflow: capacity is {self.capacity} tokens, {self._length} are held and "
-                f"{t} more were requested; use a larger capacity (static:capacity=N with "
-                f"N >= {self._length + t}) or the growable 'dynamic' layout"
-            )
-        k_buf, v_buf = self._keys, self._values
-        same_kind = (key.dtype, key.device) == (k_buf.dtype, k_buf.device)
-        if not same_kind or _layout(key, value) != _layout(k_buf, v_buf):
-            if self._length:
-                raise KVCacheError(
-                    f"new keys {tuple(key.shape)} {key.dtype} on {key.device} do not match the static "
-                    f"buffers {tuple(k_buf.shape)} {k_buf.dtype} on {k_buf.device}; "
-                    "call reset() before a new batch"
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            held = self._held()
+            if held + t > self.capacity:
+                raise CacheCapacityError(
+                    f"static cache overflow: capacity is {self.capacity} tokens, {held} are held and "
+                    f"{t} more were requested; use a larger capacity (static:capacity=N with "
+                    f"N >= {held + t}) or the growable 'dynamic' layout"
                 )
-            self._allocate(key.shape[0], key.shape[1], key.shape[3], value.shape[3], key.dtype, key.device)
+            k_buf, v_buf = self._keys, self._values
+            same_kind = (key.dtype, key.device) == (k_buf.dtype, k_buf.device)
+            if not same_kind or _layout(key, value) != _layout(k_buf, v_buf):
+                if held or self._evicted:
+                    raise KVCacheError(
+                        f"new keys {tuple(key.shape)} {key.dtype} on {key.device} do not match the static "
+                        f"buffers {tuple(k_buf.shape)} {k_buf.dtype} on {k_buf.device}; "
+                        "call reset() before a new batch"
+                    )
+                b, h, _, dk = key.shape
+                self._allocate(b, h, dk, value.shape[3], key.dtype, key.device)
         positions = torch.arange(t, device=self._keys.device) + self._write_pos
         self._keys.index_copy_(2, positions, key)
         self._values.index_copy_(2, positions, value)
         self._write_pos.add_(t)
-        self._length += t
-        self.seen += t
+        if compiling:
+            self._stale = True
+        else:
+            self._length += t
         return self._keys, self._values
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._length == 0:
+        held = self._held()
+        if held == 0:
             return None
-        return self._keys[:, :, : self._length], self._values[:, :, : self._length]
-
-    @property
-    def physical_length(self) -> int:
-        return self._length
+        return self._keys[:, :, :held], self._values[:, :, :held]
 
     @property
     def batch_size(self) -> int:
@@ -254,16 +298,18 @@ class StaticLayer(CacheLayer):
         return self._keys.device
 
     def keep(self, indices: torch.Tensor) -> None:
-        if self._length == 0:
+        held = self._held()
+        if held == 0:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
-        keys, values = self._keys[:, :, : self._length], self._values[:, :, : self._length]
-        idx = _sorted_slot_indices(indices, keys.shape[0], keys.shape[1], self._length)
+        keys, values = self._keys[:, :, :held], self._values[:, :, :held]
+        idx = _sorted_slot_indices(indices, keys.shape[0], keys.shape[1], held)
         n = idx.shape[-1]
         new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
         new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
         # Compact in place into the first n slots: the buffers keep their addresses.
         self._keys[:, :, :n].copy_(new_k)
         self._values[:, :, :n].copy_(new_v)
+        self._evicted += held - n
         self._length = n
         self._write_pos.fill_(n)
 
@@ -279,12 +325,12 @@ class StaticLayer(CacheLayer):
             self._keys, self._values = new_k, new_v
 
     def crop(self, length: int) -> None:
-        if length < 0 or length > self._length:
-            raise KVCacheError(f"crop length must be in [0, {self._length}] (tokens held), got {length}")
-        if self.seen != self._length:
+        held = self._held()
+        if length < 0 or length > held:
+            raise KVCacheError(f"crop length must be in [0, {held}] (tokens held), got {length}")
+        if self._evicted:
             raise KVCacheError("crop() is only valid before any eviction (tokens seen != tokens held)")
         self._length = length
-        self.seen = length
         self._write_pos.fill_(length)
 
     def nbytes(self) -> int:
@@ -292,8 +338,8 @@ class StaticLayer(CacheLayer):
 
     def reset(self) -> None:
         # Stale slots need no zeroing: the causal mask hides every slot past the tokens held.
-        self._length = 0
-        self.seen = 0
+        self._length = self._evicted = 0
+        self._stale = False
         self._write_pos.zero_()
 
 
