@@ -122,7 +122,8 @@ class Graph:
             **attrs: object) -> str:
         """Append a node ``op(inputs)`` and return its (single) output name."""
         output = out or self.fresh(hint or op)
-        self.g.node.append(helper.make_node(op, list(inputs), [output], name=self.fresh(op + "_node"), **attrs))
+        made = helper.make_node(op, list(inputs), [output], name=self.fresh(op + "_node"), **attrs)
+        self.g.node.append(made)
         node = self.g.node[-1]  # the container holds a copy: index the copy, the one later edits must change
         self.producer[output] = node
         for i in node.input:

@@ -142,8 +142,8 @@ class KVCacheInjector:
                                        mask_edits=edits, score_dtype=dtype))
         if len(sites) != self.num_layers:
             detail = "; ".join(reasons[:3])
-            raise KVCacheError(f"{self.arch}: found {len(sites)} attention layers in the graph but the config "
-                               f"says {self.num_layers}" + (f" ({detail})" if detail else ""))
+            raise KVCacheError(f"{self.arch}: found {len(sites)} attention layers in the graph but the "
+                               f"config says {self.num_layers}" + (f" ({detail})" if detail else ""))
         return sites
 
     # ----- the pass -----------------------------------------------------------------------------------
@@ -229,8 +229,8 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     out:
         Output file; default ``<name>_kvcache.onnx`` beside the input. The input is only overwritten when
         ``out`` names it. Written to a temporary file first, then moved in place with ``os.replace``.
-        When ``out`` is in another directory, external data is referenced by relative path and the config
-        and tokenizer files are copied beside it.
+        When ``out`` is in another directory, external-data files, the config and the tokenizer files
+        are copied beside it.
     attention_stats:
         See :class:`KVCacheInjector`.
 
@@ -249,7 +249,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     if dest.is_dir():
         dest = dest / src.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _relocate_external(model, src.parent.resolve(), dest.parent.resolve())
+    _place_external(model, src.parent.resolve(), dest.parent.resolve())
     fd, tmp = tempfile.mkstemp(prefix=".inject-", suffix=".onnx", dir=dest.parent)
     os.close(fd)
     try:
@@ -268,16 +268,25 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     return dest
 
 
-def _relocate_external(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> None:
-    """Rewrite external-data locations so they still resolve from ``dest_dir``."""
+def _place_external(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> None:
+    """Make external-data files resolvable from ``dest_dir`` by copying them there.
+
+    ONNX and ONNX Runtime refuse data files outside the model's directory, so a relative ``../`` path
+    would not do.
+    """
     if src_dir == dest_dir:
         return
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
+    locations = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    for loc in sorted(locations):
+        target = dest_dir / loc
+        if target.exists():
             continue
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = os.path.relpath(src_dir / entry.value, dest_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a copy, not a hard link: onnx.checker rejects multiply-linked data files ("hardlink attack")
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(src_dir / loc, tmp)
+        os.replace(tmp, target)
 
 
 def inject(model: onnx.ModelProto, model_dir: str | os.PathLike[str] | PretrainedConfig,

@@ -83,7 +83,7 @@ def _is_activation_matmul(g: Graph, node: onnx.NodeProto) -> bool:
 
 
 def score_path(g: Graph, softmax: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]] | None:
-    """Nodes from the Softmax back to the Q·K MatMul as ``(node, index of the score input)``; last = MatMul."""
+    """Nodes from the Softmax back to the Q·K MatMul as ``(node, score input index)``; last = MatMul."""
 
     def walk(tensor: str, depth: int) -> list[tuple[onnx.NodeProto, int]] | None:
         node = g.producer.get(tensor)

@@ -67,7 +67,8 @@ def _retarget(g: Graph, node: onnx.NodeProto, total: str, probe: dict[str, Tenso
         # Expand targets often stay unknown to shape inference (repeat_kv's group count); use the input
         # shape then: only dimensions that follow the sequence length move
         src1, src2 = probe.get(node.input[0]), probe2.get(node.input[0])
-        if src1 is None or src2 is None or src1.shape is None or src2.shape is None or node.op_type != "Expand":
+        if src1 is None or src2 is None or src1.shape is None or src2.shape is None \
+                or node.op_type != "Expand":
             raise KVCacheError(f"{arch}: layer {layer}: cannot size {node.op_type} node {node.name!r} on the "
                                "key/value path (shape inference gave no shape)")
         flags = [a != b for a, b in zip(src1.shape, src2.shape, strict=True)]
@@ -83,9 +84,10 @@ def _retarget(g: Graph, node: onnx.NodeProto, total: str, probe: dict[str, Tenso
         elif a == seq and b == seq2:
             flags.append(True)
         else:
-            raise KVCacheError(f"{arch}: layer {layer}: {node.op_type} node {node.name!r} on the key/value path "
-                               f"has a dimension that is a multiple of the sequence length ({a})")
+            raise KVCacheError(f"{arch}: layer {layer}: {node.op_type} node {node.name!r} on the key/value "
+                               f"path has a dimension that is a multiple of the sequence length ({a})")
     if not any(flags):
         return
     mask = g.const(np.array(flags, dtype=bool), hint="seq_dims")
-    g.replace_input(node, 1, g.add("Where", [mask, total, node.input[1]], hint=f"{node.op_type.lower()}_shape"))
+    target = g.add("Where", [mask, total, node.input[1]], hint=f"{node.op_type.lower()}_shape")
+    g.replace_input(node, 1, target)

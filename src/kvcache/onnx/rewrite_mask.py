@@ -36,9 +36,12 @@ class MaskBuilder:
         """1-D ``[seq]``: the number of current tokens (from ``input_ids``)."""
         if self._current is None:
             g = self.g
-            self._current = g.add("Shape", [names.INPUT_IDS], hint="current_len", start=1, end=2) \
-                if g.opset >= 15 else g.add("Slice", [g.add("Shape", [names.INPUT_IDS]), g.const([1], np.int64),
-                                                       g.const([2], np.int64)], hint="current_len")
+            if g.opset >= 15:
+                self._current = g.add("Shape", [names.INPUT_IDS], hint="current_len", start=1, end=2)
+            else:  # Shape has no start/end before opset 15
+                shape = g.add("Shape", [names.INPUT_IDS])
+                self._current = g.add("Slice", [shape, g.const([1], np.int64), g.const([2], np.int64)],
+                                      hint="current_len")
         return self._current
 
     def allowed(self) -> str:

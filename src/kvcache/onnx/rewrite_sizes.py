@@ -33,7 +33,7 @@ def _is_size(t: str, probe: dict[str, TensorInfo]) -> bool:
 
 
 def _bias_nodes(g: Graph, sites: list[AttentionSite]) -> set[str]:
-    """First outputs (node keys) of the nodes upstream of score-path inputs that are not masks (biases such as ALiBi)."""
+    """Keys (first outputs) of the nodes upstream of non-mask score-path inputs (biases such as ALiBi)."""
     out: set[str] = set()
     for site in sites:
         if site.softmax is None:

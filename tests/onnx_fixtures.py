@@ -1,0 +1,135 @@
+"""Shared ONNX test helpers: tiny exported decoders (cached per session) and logits comparisons.
+
+Reuse from any test module (``tests/`` is on ``sys.path`` under pytest's default import mode)::
+
+    import onnx_fixtures
+    onnx_exports = onnx_fixtures.onnx_exports  # makes the session fixture visible in this module
+
+* ``onnx_exports`` (session fixture) is an :class:`ExportCache`: ``onnx_exports.get("llama", "eager",
+  "legacy")`` exports ``random_model(arch, num_layers=2, hidden=32, num_heads=4)`` once per session into
+  a temporary directory (``model.onnx`` + ``config.json``) and returns that directory;
+  ``onnx_exports.injected(...)`` returns the path of the injected graph (``model_kvcache.onnx``) beside it.
+  Legacy exports take ~1-2 s, dynamo exports ~20-40 s on 2 CPU cores: prefer legacy in new tests.
+* :func:`reference_logits` runs a no-cache graph over whole sequences; :func:`stepwise_logits` runs an
+  injected (or natively exported with-past) graph as a prefill chunk then single-token steps, feeding
+  ``present.*`` back as ``past_key_values.*``; :func:`make_batch` builds left-padded inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from kvcache.models.random import random_model
+from kvcache.onnx.export import export_model
+from kvcache.onnx.inject import inject_file
+
+#: architectures whose random model supports attn_implementation="sdpa"
+SDPA_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox", "opt")
+TINY = {"num_layers": 2, "hidden": 32, "num_heads": 4}
+
+
+class ExportCache:
+    """Exports and injected graphs, made on first request and kept for the session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._dirs: dict[tuple[str, str, str, int | None, bool], Path] = {}
+        self._injected: dict[tuple[str, str, str, int | None, bool], Path] = {}
+
+    def get(self, arch: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
+            with_cache: bool = False) -> Path:
+        """Directory holding ``model.onnx`` and ``config.json`` of the tiny ``arch`` model."""
+        key = (arch, attn, exporter, opset, with_cache)
+        if key not in self._dirs:
+            out = self.root / "_".join(str(k) for k in key)
+            model = random_model(arch, attn_implementation=attn, **TINY)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_model(model, out, exporter=exporter, opset=opset, with_cache=with_cache)  # type: ignore
+            self._dirs[key] = out
+        return self._dirs[key]
+
+    def injected(self, arch: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
+                 attention_stats: bool = False) -> Path:
+        """Path of the injected graph of :meth:`get`'s export (``model_kvcache.onnx`` or ``..._stats``)."""
+        key = (arch, attn, exporter, opset, attention_stats)
+        if key not in self._injected:
+            d = self.get(arch, attn, exporter, opset)
+            out = d / ("model_kvcache_stats.onnx" if attention_stats else "model_kvcache.onnx")
+            self._injected[key] = inject_file(d / "model.onnx", out, attention_stats=attention_stats)
+        return self._injected[key]
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory: pytest.TempPathFactory) -> ExportCache:
+    """Session-wide :class:`ExportCache` in a temporary directory."""
+    return ExportCache(tmp_path_factory.mktemp("onnx_exports"))
+
+
+def session(path: Path | str) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with warnings silenced."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def make_batch(batch: int, length: int, *, pad: int = 3, seed: int = 0, vocab: int = 128
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask, position_ids)`` of shape ``[batch, length]``; rows after the first are
+    left-padded by ``pad`` (times the row index) tokens. Positions follow Hugging Face: ``cumsum - 1``,
+    padding gets 1."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (batch, length)).astype(np.int64)
+    mask = np.ones((batch, length), np.int64)
+    for b in range(1, batch):
+        mask[b, : min(length - 1, pad * b)] = 0
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    pos[mask == 0] = 1
+    return ids, mask, pos
+
+
+def reference_logits(sess: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray,
+                     pos: np.ndarray) -> np.ndarray:
+    """Full-sequence logits ``[batch, length, vocab]`` of a graph without cache."""
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in names:
+        feeds["position_ids"] = pos
+    return sess.run(["logits"], feeds)[0]
+
+
+def stepwise_logits(sess: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                    prefill: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits of a cached graph run as one ``prefill``-token chunk, then one token at a time.
+
+    Returns the concatenated logits ``[batch, length, vocab]`` and the last step's outputs by name.
+    """
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    batch, length = ids.shape
+    past: dict[str, np.ndarray] = {}
+    for name, info in inputs.items():
+        if name.startswith("past_key_values."):
+            past[name] = np.zeros((batch, int(info.shape[1]), 0, int(info.shape[3])), np.float32)
+    chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, length)]
+    logits = []
+    last: dict[str, np.ndarray] = {}
+    for start, end in chunks:
+        feeds = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end], **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = pos[:, start:end]
+        last = dict(zip(outputs, sess.run(outputs, feeds), strict=True))
+        logits.append(last["logits"])
+        past = {name: last[name.replace("past_key_values.", "present.")] for name in past}
+    return np.concatenate(logits, axis=1), last
+
+
+def relative_error(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
+    """Max abs difference over real (unpadded) positions, relative to the largest reference magnitude."""
+    real = mask.astype(bool)
+    return float(np.abs(got - want)[real].max() / np.abs(want[real]).max())
