@@ -10,6 +10,47 @@ app = typer.Typer(
 )
 
 
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="A local Hugging Face model directory, or 'default'."),
+    out: str = typer.Option(..., "--out", help="Directory to write model.onnx, config.json, tokenizer to."),
+    with_cache: bool = typer.Option(False, "--with-cache", help="Export past/present natively."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17 legacy, 18 dynamo)."),
+    exporter: str = typer.Option("legacy", "--exporter", help="legacy (TorchScript) or dynamo."),
+) -> None:
+    """Export MODEL to ONNX (without a cache by default: the input of `kvcache onnx inject`)."""
+    from kvcache.errors import KVCacheError
+    from kvcache.onnx.export import export
+
+    try:
+        path = export(model, out, with_cache=with_cache, opset=opset,
+                      exporter=exporter)  # type: ignore[arg-type]
+    except (KVCacheError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(str(path))
+
+
+@app.command("inject")
+def inject_cmd(
+    model: str = typer.Argument(..., help="A graph exported without cache (.onnx) or its directory."),
+    out: str | None = typer.Option(None, "--out",
+                                   help="Output file (default: <name>_kvcache.onnx beside the input)."),
+    attention_stats: bool = typer.Option(
+        False, "--attention-stats", help="Also output attn_scores.{i} per layer for host-side policies."),
+) -> None:
+    """Inject a KV cache (past_key_values.* inputs, present.* outputs) into an exported decoder graph."""
+    from kvcache.errors import KVCacheError
+    from kvcache.onnx.inject import inject_file
+
+    try:
+        path = inject_file(model, out, attention_stats=attention_stats)
+    except (KVCacheError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(str(path))
+
+
 @app.command()
 def check(
     original: str = typer.Argument(..., help="The no-cache graph (.onnx, or a directory with model.onnx)."),

@@ -257,7 +257,7 @@ def export(
     except ImportError as exc:  # models/load.py is written by another engineer
         raise KVCacheError("kvcache.models.load is not available in this build; export a model object "
                            "with kvcache.onnx.export.export_model instead") from exc
-    if name_or_path != "default" and not (Path(name_or_path) / "config.json").is_file():
+    if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
         raise KVCacheError(f"{name_or_path!r} is not a model directory (no config.json); pass a local "
                            "Hugging Face model directory or 'default'")
     model, tokenizer = load(name_or_path, device="cpu", dtype=torch.float32)
