@@ -40,12 +40,12 @@ def recompute_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_greedy_batch_equals_recompute(model, tokenizer, cache):
     # Three prompts of different lengths in one left-padded batch, prefill in chunks of 4.
-    result = generate(model, tokenizer, PROMPTS, cache=cache, max_new_tokens=10, eos_token_id=[],
+    result = generate(model, tokenizer, PROMPTS, cache=cache, max_new_tokens=8, eos_token_id=[],
                       prefill_chunk_size=4)
     assert result.finish_reasons == ["length"] * 3
     assert result.cache == cache
     for prompt, ids, text in zip(PROMPTS, result.token_ids, result.texts, strict=True):
-        assert ids == recompute_greedy(model, tokenizer, prompt, 10)
+        assert ids == recompute_greedy(model, tokenizer, prompt, 8)
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -137,11 +137,11 @@ def test_prompt_over_capacity_is_a_clear_error(model, tokenizer):
 
 
 def test_sampling_is_reproducible_with_a_seed(model, tokenizer):
-    kwargs = dict(max_new_tokens=12, temperature=1.5, eos_token_id=[])
+    kwargs = dict(max_new_tokens=8, temperature=1.5, eos_token_id=[])
     a = generate(model, tokenizer, PROMPTS, seed=7, **kwargs)
     b = generate(model, tokenizer, PROMPTS, seed=7, **kwargs)
     c = generate(model, tokenizer, PROMPTS, seed=8, **kwargs)
-    greedy = generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_token_id=[])
+    greedy = generate(model, tokenizer, PROMPTS, max_new_tokens=8, eos_token_id=[])
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
     assert a.token_ids != greedy.token_ids
