@@ -25,9 +25,8 @@ from kvcache.onnx.inject import KVCacheInjector, inject_file
 onnx_exports = onnx_fixtures.onnx_exports  # the session fixture, under its name in this module
 FULL = os.environ.get("KVCACHE_ONNX_FULL") == "1"
 LEGACY = [(a, "eager") for a in ARCHITECTURES] + [(a, "sdpa") for a in SDPA_ARCHS]
-# default dynamo subset: RoPE + GQA (llama), ALiBi + sizes read from the mask (bloom), merged transposes
-# with SDPA (gpt2)
-DYNAMO_DEFAULT = [("llama", "eager"), ("bloom", "eager"), ("gpt2", "sdpa")]
+# default dynamo subset: RoPE + GQA (llama), ALiBi + sizes read from the mask (bloom); opset 23 below
+DYNAMO_DEFAULT = [("llama", "eager"), ("bloom", "eager")]
 DYNAMO_REST = [v for v in LEGACY if v not in DYNAMO_DEFAULT]
 
 
@@ -61,6 +60,15 @@ def test_dynamo_injection_matches_full_sequence(onnx_exports, arch: str, attn: s
 @pytest.mark.parametrize(("arch", "attn"), DYNAMO_REST, ids=[f"{a}-{m}" for a, m in DYNAMO_REST])
 def test_dynamo_injection_full_matrix(onnx_exports, arch: str, attn: str) -> None:
     _check_equivalence(onnx_exports, arch, attn, "dynamo")
+
+
+def test_opset23_fused_attention_op(onnx_exports) -> None:
+    """The dynamo exporter at opset 23 emits the fused Attention op (and RotaryEmbedding) for SDPA."""
+    model = onnx.load(str(onnx_exports.get("llama", "sdpa", "dynamo", 23) / "model.onnx"))
+    assert any(n.op_type == "Attention" for n in model.graph.node)
+    _check_equivalence(onnx_exports, "llama", "sdpa", "dynamo", 23)
+    with pytest.raises(KVCacheError, match="fused Attention op"):
+        onnx_exports.injected("llama", "sdpa", "dynamo", 23, attention_stats=True)
 
 
 def test_gqa_cache_keeps_kv_heads_and_io_contract(onnx_exports) -> None:

@@ -24,7 +24,9 @@ def add_attention_stats(g: Graph, sites: list[AttentionSite], builder: MaskBuild
     query_valid: dict[int, str] = {}
     for site in sites:
         if site.softmax is None:
-            raise KVCacheError(f"layer {site.layer}: attention statistics need an explicit Softmax")
+            raise KVCacheError(f"layer {site.layer}: attention statistics need an explicit Softmax, and "
+                               "this graph uses the fused Attention op; export with opset 17-22 for "
+                               "--attention-stats")
         dtype = site.score_dtype
         if dtype not in query_valid:
             # [batch, 1, seq, 1]: 1 for real current tokens, 0 for padding
