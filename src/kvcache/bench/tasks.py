@@ -188,7 +188,10 @@ def multi_needle(filler: Filler, context_tokens: int, *, num_needles: int = 3, s
     needles = [NEEDLE.format(door=d, key=k) for d, k in zip(doors, keys, strict=False)]
     question = NEEDLE_QUESTION.format(door=doors[target])
     fixed = filler.count(NEEDLE_INTRO) + sum(filler.count(" " + n) for n in needles) + filler.count(question)
-    budget = max(0, context_tokens - fixed - 1)
+    if fixed + 1 > context_tokens:
+        raise ValueError(f"context_tokens={context_tokens} is too short for {num_needles} needles (they need "
+                         f"{fixed + 1} tokens); use a longer context or fewer needles")
+    budget = context_tokens - fixed - 1
     sentences, _ = filler.take(rng, budget)
     body = [(s, True) for s in sentences]
     # insert needles at sentence boundaries, deepest first so earlier indices stay valid
