@@ -66,6 +66,39 @@ def test_greedy_matches_recompute(models, arch: str, impl: str) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS)
+def test_sliding_window_layers_match_recompute(spec: str) -> None:
+    """Sliding-window layers keep every token; the mask applies the window (prompt + new > window)."""
+    model = random_model("mistral", attn_implementation="sdpa", sliding_window=4, seed=2)
+    ids = prompt(9, seed=7)
+    with torch.no_grad(), kvcache.enable(model):
+        cache = KVCache.from_spec(spec, model.config)
+        out = model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache,
+                             output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model(out.sequences, use_cache=False).logits[:, 8:-1]
+        no_window = random_model("mistral", attn_implementation="sdpa", sliding_window=None, seed=2)
+        full = no_window(out.sequences, use_cache=False).logits[:, 8:-1]
+    assert torch.equal(out.sequences[:, 9:], ref.argmax(-1))
+    assert (torch.stack(out.logits, 1) - ref).abs().max().item() < 1e-5
+    assert (full - ref).abs().max().item() > 1e-3  # the window does matter at this length
+
+
+def test_batch_select_indices_and_repeat(models) -> None:
+    model = get_model(models, "llama", "eager")
+    ids = prompt(5, seed=8, batch=2)
+    cache = KVCache.from_spec("dynamic", model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        assert cache.batch_size == 4
+        cache.batch_select_indices(torch.tensor([False, False, True, False]))
+        got = model(ids[1:, -1:] * 0 + 5, past_key_values=cache, use_cache=True).logits
+        ref = model(torch.cat([ids[1:], ids.new_full((1, 1), 5)], 1), use_cache=False).logits[:, -1:]
+    assert cache.batch_size == 1
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_left_padded_batch_matches_single_prompts(models, arch: str, spec: str) -> None:
     model = get_model(models, arch, "eager")
