@@ -145,27 +145,32 @@ def test_sampling_is_reproducible_with_a_seed(llama):
     assert a.token_ids != greedy.token_ids  # temperature 1 over a random model is far from argmax
 
 
-def test_decoder_session_binding_equals_plain_run(llama):
-    """The IOBinding path (torch memory bound directly) gives exactly what session.run gives."""
+def test_decoder_session_packs_cache_views_correctly(llama):
+    """Non-contiguous cache views (slices of a longer buffer, as growable layers hand them out) are packed
+    into reused buffers; results equal session.run on dense copies, across growing and shrinking lengths."""
     graph = llama[1] / "model_kvcache.onnx"
     dec = DecoderSession(graph)
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     torch.manual_seed(0)
-    ids = torch.randint(3, 100, (2, 3))
-    mask = torch.ones(2, 7, dtype=torch.int64)
-    mask[1, :2] = 0
-    pos = torch.tensor([[4, 5, 6], [2, 3, 4]])
-    past = [(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16)) for _ in range(2)]
-    out = dec.run(ids, mask, pos, past)
-    feeds = {names.INPUT_IDS: ids.numpy(), names.ATTENTION_MASK: mask.numpy(),
-             names.POSITION_IDS: pos.numpy()}
-    for i, (k, v) in enumerate(past):
-        feeds[names.past_key(i)], feeds[names.past_value(i)] = k.numpy(), v.numpy()
-    want = sess.run(None, feeds)
-    np.testing.assert_array_equal(out.logits.numpy(), want[0])
-    np.testing.assert_array_equal(out.presents[1][1].numpy(), want[4])
-    assert out.presents[0][0].shape == (2, 2, 7, 16)  # GQA: 2 KV heads, not 4
-    assert out.attn_scores is None
+    buffers = [(torch.randn(2, 2, 32, 16), torch.randn(2, 2, 32, 16)) for _ in range(2)]
+    for past_len in (4, 9, 3):
+        ids = torch.randint(3, 100, (2, 3))
+        mask = torch.ones(2, past_len + 3, dtype=torch.int64)
+        mask[1, :2] = 0
+        pos = torch.arange(past_len, past_len + 3).expand(2, 3)
+        past = [(k[:, :, :past_len], v[:, :, :past_len]) for k, v in buffers]
+        assert not past[0][0].is_contiguous()
+        out = dec.run(ids, mask, pos, past)
+        feeds = {names.INPUT_IDS: ids.numpy(), names.ATTENTION_MASK: mask.numpy(),
+                 names.POSITION_IDS: pos.contiguous().numpy()}
+        for i, (k, v) in enumerate(past):
+            feeds[names.past_key(i)] = k.contiguous().numpy()
+            feeds[names.past_value(i)] = v.contiguous().numpy()
+        want = sess.run(None, feeds)
+        np.testing.assert_array_equal(out.logits.numpy(), want[0])
+        np.testing.assert_array_equal(out.presents[1][1].numpy(), want[4])
+        assert out.presents[0][0].shape == (2, 2, past_len + 3, 16)  # GQA: 2 KV heads, not 4
+        assert out.attn_scores is None
 
 
 def test_errors_name_the_problem(llama, tmp_path, tokenizer):

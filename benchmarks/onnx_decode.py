@@ -1,0 +1,214 @@
+"""Per-token decode time on ONNX Runtime: injected KV cache vs. no cache, native with-past export, PyTorch.
+
+One run exports a random Llama of realistic shape (no weights are downloaded) three ways — without a cache,
+with a natively exported cache, and without a cache and then injected by :class:`KVCacheInjector` — and
+times single-token decode steps after a prompt of each context length:
+
+* ``injected``: the injected graph, cache on the host in kvcache's dynamic layers (:class:`OnnxGenerator`);
+* ``native``: the natively exported with-past graph, same host loop (so the ratio isolates the graph);
+* ``raw``: the native graph in a bare ``session.run`` loop feeding ``present`` back as ``past`` (numpy, no
+  kvcache layers): the cost of the host-side layers is the gap between ``native`` and ``raw``;
+* ``no-cache``: the original graph recomputing the whole sequence for every token;
+* ``torch``: PyTorch eager with a kvcache ``dynamic`` cache.
+
+Run: ``python benchmarks/onnx_decode.py`` (``--quick`` for a smaller smoke run, ``--json PATH`` to save).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from kvcache.cache import KVCache
+from kvcache.models.random import random_model
+from kvcache.onnx import names
+from kvcache.onnx.export import export_model
+from kvcache.onnx.inject import KVCacheInjector
+from kvcache.onnx.runtime import OnnxGenerator
+
+Step = Callable[[int], None]
+
+
+def host_loop(graph_dir: Path, ids: torch.Tensor, context: int, opts: ort.SessionOptions) -> Step:
+    """Prefill ``context`` tokens through :class:`OnnxGenerator` (host-side dynamic cache); return the
+    decode step: ``step(i)`` feeds token ``context + i``."""
+    gen = OnnxGenerator(graph_dir, session_options=opts)
+    cache = KVCache.from_spec("dynamic", gen.config, batch_size=1, device="cpu")
+    ones = torch.ones(1, ids.shape[1], dtype=torch.int64)
+    positions = torch.arange(ids.shape[1])[None]
+    for lo in range(0, context, 512):  # chunked prefill, as generate() does
+        hi = min(lo + 512, context)
+        gen.step(cache, ids[:, lo:hi], ones[:, :lo], ones[:, lo:hi], positions[:, lo:hi])
+
+    def step(i: int) -> None:
+        t = context + i
+        gen.step(cache, ids[:, t : t + 1], ones[:, :t], ones[:, t : t + 1], positions[:, t : t + 1])
+
+    return step
+
+
+def raw_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.SessionOptions) -> Step:
+    """A bare ``session.run`` loop feeding ``present`` back as ``past`` (no kvcache layers)."""
+    sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    cache_inputs = [i for i in sess.get_inputs() if names.is_cache_input(i.name)]
+    kv_heads, head_dim = cache_inputs[0].shape[1], cache_inputs[0].shape[3]
+    past = {i.name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for i in cache_inputs}
+    out_names = [names.LOGITS] + [n.replace(names.PAST_PREFIX, names.PRESENT_PREFIX) for n in past]
+    takes_positions = any(i.name == names.POSITION_IDS for i in sess.get_inputs())
+
+    def run(lo: int, hi: int) -> None:
+        feeds = {names.INPUT_IDS: ids[:, lo:hi], names.ATTENTION_MASK: np.ones((1, hi), np.int64), **past}
+        if takes_positions:
+            feeds[names.POSITION_IDS] = np.arange(lo, hi, dtype=np.int64)[None]
+        _, *presents = sess.run(out_names, feeds)
+        past.update(zip(past, presents, strict=True))
+
+    for lo in range(0, context, 512):
+        run(lo, min(lo + 512, context))
+    return lambda i: run(context + i, context + i + 1)
+
+
+def no_cache(graph: Path, ids: np.ndarray, context: int, opts: ort.SessionOptions) -> Step:
+    """The original graph recomputing the whole sequence for every new token."""
+    sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    takes_positions = any(i.name == names.POSITION_IDS for i in sess.get_inputs())
+
+    def step(i: int) -> None:
+        t = context + i + 1
+        feeds = {names.INPUT_IDS: ids[:, :t], names.ATTENTION_MASK: np.ones((1, t), np.int64)}
+        if takes_positions:
+            feeds[names.POSITION_IDS] = np.arange(t, dtype=np.int64)[None]
+        sess.run([names.LOGITS], feeds)
+
+    return step
+
+
+def torch_loop(model: torch.nn.Module, ids: torch.Tensor, context: int) -> Step:
+    """PyTorch eager with a kvcache dynamic cache."""
+    cache = KVCache.from_spec("dynamic", model.config, batch_size=1, device="cpu")
+    ones = torch.ones(1, ids.shape[1], dtype=torch.int64)
+
+    def run(lo: int, hi: int) -> None:
+        with torch.inference_mode():
+            model(input_ids=ids[:, lo:hi], attention_mask=ones[:, :hi], cache=cache, use_cache=True,
+                  logits_to_keep=1)
+
+    for lo in range(0, context, 512):
+        run(lo, min(lo + 512, context))
+    return lambda i: run(context + i, context + i + 1)
+
+
+def interleaved_ms(steppers: dict[str, Step], steps: int, warmup: int,
+                   sparse: dict[str, int]) -> dict[str, float]:
+    """Median ms per step of each stepper, run in turns (one step each per round) so that load from other
+    processes hits all of them alike. A stepper in ``sparse`` only runs every ``sparse[name]``-th round."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    calls = dict.fromkeys(steppers, 0)
+    for rnd in range(warmup + steps):
+        for name, step in steppers.items():
+            if rnd % sparse.get(name, 1):
+                continue
+            t0 = time.perf_counter()
+            step(calls[name])
+            elapsed = time.perf_counter() - t0
+            calls[name] += 1
+            if rnd >= warmup:
+                times[name].append(elapsed)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def build_graphs(model: torch.nn.Module, root: Path) -> dict[str, Path]:
+    """Export no-cache and native with-past graphs, and inject a cache into a copy of the no-cache one."""
+    plain = export_model(model, root / "plain")
+    native = export_model(model, root / "native", with_cache=True)
+    injected_dir = root / "injected"
+    injected_dir.mkdir()
+    proto = KVCacheInjector(plain.parent).apply(onnx.load(str(plain), load_external_data=False))
+    onnx.save(proto, str(injected_dir / "model.onnx"))
+    model.config.save_pretrained(injected_dir)
+    model.config.save_pretrained(native.parent)
+    return {"plain": plain, "native": native, "injected": injected_dir / "model.onnx"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, short contexts (smoke run)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 128 512 1024")
+    parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 20, quick 4)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op and torch threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.kv_heads, args.vocab = 2, 128, 4, 2, 1024
+    contexts = args.contexts or ([64, 256] if args.quick else [128, 512, 1024])
+    steps = args.steps or (4 if args.quick else 20)
+    warmup = 2
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    # Several sessions take turns here: ORT's worker threads must not spin between runs, or each idle
+    # session steals the cores the running one (or PyTorch) needs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    model = random_model("llama", seed=0, num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
+                         num_kv_heads=args.kv_heads, vocab_size=args.vocab,
+                         max_positions=max(contexts) + steps + warmup + 8)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, args.vocab, (1, max(contexts) + steps + warmup + 1), generator=gen)
+    shape = (f"llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV "
+             f"heads, vocab {args.vocab}, fp32, batch 1, {threads} threads, ORT {ort.__version__}, "
+             f"torch {torch.__version__}")
+    print(shape, file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs = build_graphs(model, Path(tmp))
+        for context in contexts:
+            steppers = {
+                "injected": host_loop(graphs["injected"].parent, ids, context, opts),
+                "native": host_loop(graphs["native"].parent, ids, context, opts),
+                "raw": raw_loop(graphs["native"], ids.numpy(), context, opts),
+                "no_cache": no_cache(graphs["plain"], ids.numpy(), context, opts),
+                "torch": torch_loop(model, ids, context),
+            }
+            # full recomputes are slow: one every 5 rounds still gives a stable median
+            timed = interleaved_ms(steppers, steps, warmup, sparse={"no_cache": 5})
+            row = {"context": context, **{f"{k}_ms": v for k, v in timed.items()}}
+            rows.append(row)
+            timings = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "context")
+            print(f"context {context}: {timings}", file=sys.stderr)
+
+    header = ("| context | injected ms/token | native with-past | raw ORT loop | no-cache recompute | "
+              "PyTorch eager | no-cache / injected | injected / native | torch / injected |")
+    print(header)
+    print("|" + "---|" * 9)
+    for r in rows:
+        print(f"| {r['context']} | {r['injected_ms']:.2f} | {r['native_ms']:.2f} | {r['raw_ms']:.2f} | "
+              f"{r['no_cache_ms']:.2f} | {r['torch_ms']:.2f} | {r['no_cache_ms'] / r['injected_ms']:.1f}x | "
+              f"{r['injected_ms'] / r['native_ms']:.2f}x | {r['torch_ms'] / r['injected_ms']:.2f}x |")
+    if args.json is not None:
+        tmp_path = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp_path.write_text(json.dumps({"setup": shape, "steps": steps, "rows": rows}, indent=2))
+        os.replace(tmp_path, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
