@@ -287,6 +287,9 @@ def choose(dirs: list[Path], into: Path) -> Path:
     """
     runs = []
     for d in dirs:
+        if not (d / "eval.json").is_file() or not (d / "train_log.json").is_file():
+            log(f"skipping {d}: no eval.json/train_log.json (did its training or evaluation fail?)")
+            continue
         ev = json.loads((d / "eval.json").read_text())
         train = json.loads((d / "train_log.json").read_text())
         mean_pk = sum(r["accuracy"] for r in ev["passkey"]) / max(1, len(ev["passkey"]))
@@ -296,6 +299,8 @@ def choose(dirs: list[Path], into: Path) -> Path:
             "passkey": {r["context"]: r["accuracy"] for r in ev["passkey"]},
             "kv": {r["context"]: r["accuracy"] for r in ev["kv"]},
             "multi_needle": {r["context"]: r["accuracy"] for r in ev["multi_needle"]}}})
+    if not runs:
+        raise SystemExit("no evaluated run to choose from")
     passing = [r for r in runs if r["summary"]["passes_bar"]]
     best = (min(passing, key=lambda r: r["summary"]["heldout_perplexity"]) if passing
             else max(runs, key=lambda r: r["summary"]["mean_passkey_accuracy"]))
