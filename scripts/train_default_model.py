@@ -118,7 +118,8 @@ def write_eval_splits() -> None:
     corpus = build_corpus()
     write_eval_split(EVAL_DIR / "prose.jsonl", corpus.heldout_prose)
     write_eval_split(EVAL_DIR / "documents.jsonl", corpus.heldout_docs)
-    log(f"wrote {len(corpus.heldout_prose)} held-out prose and {len(corpus.heldout_docs)} documents to {EVAL_DIR}")
+    log(f"wrote {len(corpus.heldout_prose)} held-out prose and {len(corpus.heldout_docs)} documents "
+        f"to {EVAL_DIR}")
 
 
 def sentences_of(docs: list[Document]) -> list[str]:
@@ -157,7 +158,10 @@ def save_tokenizer(tok, out: Path, max_len: int) -> None:
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Training batches; batch ``step`` is a pure function of (seed, step). Worker w makes steps w, w+W, ..."""
+    """Training batches; batch ``step`` is a pure function of (seed, step).
+
+    Worker w of W makes steps w, w+W, ...; the loader interleaves workers in order, so steps arrive in order.
+    """
 
     def __init__(self, tok, prose_ids: list[int], sentences: list[str], preset: Preset, seed: int,
                  first_step: int, last_step: int) -> None:
@@ -281,7 +285,7 @@ def lr_at(progress: float, p: Preset, step: int) -> float:
 
 
 def save_model(model, tok, out: Path, p: Preset) -> None:
-    """Write weights (fp16 safetensors, loaded as float32), config, generation config and tokenizer atomically."""
+    """Write weights (fp16 safetensors, loaded as float32), configs and tokenizer, each file atomically."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -317,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, help="override the preset's step count")
     ap.add_argument("--budget-s", type=float, help="override the preset's training time budget (seconds)")
-    ap.add_argument("--filler-weight", type=float, help="override the loss weight of prose filler in task rows")
-    ap.add_argument("--workers", type=int, help="data loader workers (default: min(6, cpus - 1) on GPU, 0 on CPU)")
-    ap.add_argument("--write-eval-splits", action="store_true", help="rewrite the shipped held-out splits and exit")
+    ap.add_argument("--filler-weight", type=float,
+                    help="override the loss weight of prose filler in task rows")
+    ap.add_argument("--workers", type=int,
+                    help="data loader workers (default: min(10, cpus - 2) on GPU, 0 on CPU)")
+    ap.add_argument("--write-eval-splits", action="store_true",
+                    help="rewrite the shipped held-out splits and exit")
     args = ap.parse_args(argv)
     if args.write_eval_splits:
         write_eval_splits()
@@ -368,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model: LlamaForCausalLM {n_params / 1e6:.2f}M parameters on {device}")
     decay = [t for n, t in model.named_parameters() if t.dim() >= 2]
     no_decay = [t for n, t in model.named_parameters() if t.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     workers = args.workers if args.workers is not None else (
         min(10, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the loader forks after the tokenizer was used
@@ -388,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"step {step:5d} validation loss {vl:.4f} (perplexity {math.exp(vl):.1f})")
         # the best checkpoint is chosen from the second half only: retrieval is learnt by then
         if progress >= 0.5 and vl < best["loss"]:
-            best.update(loss=vl, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.update(loss=vl, step=step, state=state)
 
     model.train()
     t_train = time.time()
@@ -449,19 +457,23 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "recipe": asdict(p), "seed": args.seed,
         "steps": steps_done, "planned_steps": p.steps, "stopped_by": stop_reason,
         "tokens_seen": tokens, "prose_tokens_seen": int(prose_tokens.item()),
-        "prose_epochs": round(prose_tokens.item() / max(1, len(prose_ids)), 2), "tokens_per_s": round(tokens / max(train_s, 1e-9)),
-        "wall_time_s": {"corpus": round(t_corpus, 1), "tokenizer": round(t_tok, 1), "train": round(train_s, 1),
+        "prose_epochs": round(prose_tokens.item() / max(1, len(prose_ids)), 2),
+        "tokens_per_s": round(tokens / max(train_s, 1e-9)),
+        "wall_time_s": {"corpus": round(t_corpus, 1), "tokenizer": round(t_tok, 1),
+                        "train": round(train_s, 1),
                         "total": round(time.time() - t0, 1)},
         "final_loss": round(sum(recent[-3:]) / max(1, len(recent[-3:])), 4) if recent else None,
         "kept_step": best["step"], "kept_valid_loss": round(best["loss"], 4),
         "valid_tokens": int(valid_stream.numel()), "valid_curve": valid_curve,
         "param_count": n_params,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "cpu_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__,
                      "tokenizers": __import__("tokenizers").__version__},
-        "corpus": {"train_documents": len(texts), "valid_documents": len(valid_docs), "train_chars": sum(map(len, texts)),
+        "corpus": {"train_documents": len(texts), "valid_documents": len(valid_docs),
+                   "train_chars": sum(map(len, texts)),
                    "train_prose_tokens": len(prose_ids), "sha256": digest,
                    "sources": sorted({d.source for d in corpus.train}),
                    "heldout_prose_documents": len(heldout_prose), "heldout_documents": len(heldout_docs)},

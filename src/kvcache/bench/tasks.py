@@ -202,7 +202,8 @@ def multi_needle(filler: Filler, context_tokens: int, *, num_needles: int = 3, s
                        seed, {"num_needles": num_needles, "door": doors[target]}, spans)
 
 
-def kv_retrieval(filler: Filler, context_tokens: int, *, seed: int, depth: float | None = None) -> TaskExample:
+def kv_retrieval(filler: Filler, context_tokens: int, *, seed: int,
+                 depth: float | None = None) -> TaskExample:
     """A list of ``key NAME: VALUE`` lines filling ``context_tokens``; the question asks for one value.
 
     ``filler`` is only used to count tokens. ``depth`` picks the queried line's position (``None``: random).

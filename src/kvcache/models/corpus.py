@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 #: standard-library folders that hold tests, vendored wheels or caches, not documentation
-_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_bundled"})
+_SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_bundled"})
 
 #: split fractions, by hash of the document key: long documents in the first HELDOUT_DOCS_FRACTION are
 #: held-out documents (summarisation checks), the next HELDOUT_PROSE_FRACTION are held-out prose (perplexity)
