@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvcache.generation as generation_module
 from kvcache import CacheCapacityError, generate
+from kvcache.cache import KVCache
+from kvcache.layers.dense import DynamicLayer
 from kvcache.models.random import ARCHITECTURES, random_model
 from kvcache.models.tiny_tokenizer import tiny_tokenizer
 from kvcache.sampling import Sampler, _top_p_filter
@@ -235,3 +238,23 @@ def test_stop_checker_and_trim(tokenizer):
     assert checker.check([5, 2]) == "eos"
     assert trim_at_stop("abcENDdefEND", ["def", "END"]) == "abc"
     assert trim_at_stop("abc", ["x"]) == "abc"
+
+
+def test_capacity_error_from_a_growable_layout_ends_cleanly(model, tokenizer, monkeypatch):
+    # A layout whose limit is not visible up front (max_capacity None) refuses a write from `update`:
+    # generation must end with "capacity" and keep the tokens produced so far.
+    class LimitedLayer(DynamicLayer):
+        def update(self, key, value):
+            if self.physical_length + key.shape[2] > 24:
+                raise CacheCapacityError("limited layer is full")
+            return super().update(key, value)
+
+    def limited(spec, config, **kwargs):
+        return KVCache([LimitedLayer() for _ in range(config.num_hidden_layers)], spec)
+
+    full = generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_token_id=[])
+    monkeypatch.setattr(generation_module.KVCache, "from_spec", staticmethod(limited))
+    got = generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_token_id=[])
+    prompt_len = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+    assert got.finish_reasons == ["capacity"] * 3
+    assert got.token_ids == [ids[: 24 - prompt_len + 1] for ids in full.token_ids]
