@@ -173,6 +173,27 @@ def test_decoder_session_packs_cache_views_correctly(llama):
         assert out.attn_scores is None
 
 
+def test_attention_statistics_reach_the_step_output(llama, tokenizer, tmp_path):
+    """A graph injected with attention statistics: generation is unchanged and each step hands back the
+    per-query-head attention mass over the cache slots (the input of host-side retention policies)."""
+    model, graph_dir = llama
+    stats_graph = inject_file(graph_dir / "model.onnx", tmp_path / "model_kvcache.onnx", attention_stats=True)
+    gen = OnnxGenerator(tmp_path)
+    assert gen.decoder.signature.has_attn_scores
+    assert gen.generate(PROMPTS, max_new_tokens=6, eos_token_id=[]).token_ids == \
+        OnnxGenerator(graph_dir).generate(PROMPTS, max_new_tokens=6, eos_token_id=[]).token_ids
+    dec = DecoderSession(stats_graph)
+    torch.manual_seed(1)
+    past = [(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)) for _ in range(2)]
+    out = dec.run(torch.randint(3, 100, (1, 3)), torch.ones(1, 8, dtype=torch.int64),
+                  torch.arange(5, 8)[None], past)
+    assert out.attn_scores is not None and len(out.attn_scores) == 2
+    scores = out.attn_scores[0]
+    assert scores.shape == (1, 4, 8)  # query heads, past + current slots
+    # three query rows, each a softmax over the keys: the mass sums to 3 per head
+    torch.testing.assert_close(scores.sum(-1), torch.full((1, 4), 3.0))
+
+
 def test_errors_name_the_problem(llama, tmp_path, tokenizer):
     with pytest.raises(KVCacheError, match="does not exist"):
         OnnxGenerator(tmp_path / "missing")
@@ -188,21 +209,25 @@ def test_errors_name_the_problem(llama, tmp_path, tokenizer):
         gen.generate([])
 
 
-def test_cli_generate_json(llama, tokenizer):
+def test_cli_generate_json_matches_kvcache_generate(llama, tokenizer):
     model, graph_dir = llama
     result = CliRunner().invoke(app, ["onnx", "generate", str(graph_dir), PROMPTS[0], "--cache", "static",
                                       "--max-new-tokens", "6", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     ref = generate(model, tokenizer, PROMPTS[0], cache="static", max_new_tokens=6)
-    assert data["texts"] == ref.texts and data["token_ids"] == ref.token_ids
-    assert data["finish_reasons"] == ref.finish_reasons and data["cache"] == "static"
+    assert data["text"] == ref.texts[0]
+    assert data["finish_reason"] == ref.finish_reasons[0] and data["cache"] == "static"
     assert data["stats"]["new_tokens"] == len(ref.token_ids[0])
+    assert set(data) == {"text", "stats", "finish_reason", "cache"}  # the shape `kvcache generate --json` has
 
 
 def test_cli_generate_text_and_errors(llama, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["onnx", "generate", str(llama[1]), "ab", "--max-new-tokens", "3"])
+    ok = runner.invoke(app, ["onnx", "generate", str(llama[1]), "ab", "-n", "3"])
     assert ok.exit_code == 0, ok.output
+    assert "finish=length" in ok.output
     bad = runner.invoke(app, ["onnx", "generate", str(tmp_path), "ab"])
     assert bad.exit_code == 2 and "model.onnx" in bad.output
+    typo = runner.invoke(app, ["onnx", "generate", str(llama[1]), "ab", "--cache", "statik"])
+    assert typo.exit_code == 2 and "statik" in typo.output

@@ -79,19 +79,19 @@ def check(
 @app.command("generate")
 def generate_cmd(
     model_dir: str = typer.Argument(..., help="Directory with the graph, config.json and tokenizer."),
-    prompts: list[str] = typer.Argument(..., help="One or more prompts (several run as one batch)."),
-    cache: str = typer.Option("dynamic", "--cache", help="Cache spec, e.g. dynamic, static:capacity=512."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Upper bound on new tokens per prompt."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    seed: int | None = typer.Option(None, help="Seed for sampling."),
-    stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (texts, ids, stats)."),
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    cache: str = typer.Option("dynamic", "--cache", "-c",
+                              help="Cache spec: dynamic, static, static:capacity=N, ... (`kvcache info`)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most new tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy decoding."),
+    top_k: int | None = typer.Option(None, "--top-k", min=1, help="Sample among the k most likely tokens."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeat for several)."),
+    threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON: text, stats, finish_reason, cache."),
 ) -> None:
-    """Generate text with ONNX Runtime, the KV cache managed on the host by kvcache's layers."""
-    import dataclasses
+    """Generate with ONNX Runtime (cache on the host in kvcache's layers); output as `kvcache generate`."""
     import json
 
     from kvcache.errors import KVCacheError
@@ -99,17 +99,14 @@ def generate_cmd(
 
     try:
         generator = OnnxGenerator(model_dir, cache=cache, threads=threads)
-        result = generator.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+        result = generator.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, seed=seed, stop=stop or None)
-    except (KVCacheError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except (KVCacheError, ValueError, OSError) as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(2) from exc
     if json_output:
-        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
-        return
-    for text, reason in zip(result.texts, result.finish_reasons, strict=True):
-        typer.echo(text)
-        typer.echo(f"[finish: {reason}]", err=True)
-    s = result.stats
-    typer.echo(f"[cache {result.cache}: prefill {s.prefill_tokens_per_s:.1f} tok/s, "
-               f"decode {s.decode_tokens_per_s:.1f} tok/s, cache {s.cache_bytes} bytes]", err=True)
+        typer.echo(json.dumps({"text": result.texts[0], "stats": result.stats.to_dict(),
+                               "finish_reason": result.finish_reasons[0], "cache": result.cache}))
+    else:
+        typer.echo(result.texts[0])
+        typer.echo(f"[{result.cache}] finish={result.finish_reasons[0]} | {result.stats.summary()}", err=True)
