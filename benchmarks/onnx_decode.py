@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -110,23 +111,25 @@ def torch_loop(model: torch.nn.Module, ids: torch.Tensor, context: int) -> Step:
     return lambda i: run(context + i, context + i + 1)
 
 
-def interleaved_ms(steppers: dict[str, Step], steps: int, warmup: int,
-                   sparse: dict[str, int]) -> dict[str, float]:
-    """Median ms per step of each stepper, run in turns (one step each per round) so that load from other
-    processes hits all of them alike. A stepper in ``sparse`` only runs every ``sparse[name]``-th round."""
-    times: dict[str, list[float]] = {name: [] for name in steppers}
+def interleaved(steppers: dict[str, Step], steps: int, warmup: int,
+                sparse: dict[str, int]) -> dict[str, list[float]]:
+    """Seconds per step of each stepper, run in turns (one step each per round, the order rotating every
+    round) so that load from other processes hits all of them alike. A stepper in ``sparse`` only runs
+    every ``sparse[name]``-th round. Warm-up rounds are not recorded."""
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
     calls = dict.fromkeys(steppers, 0)
+    order = list(steppers)
     for rnd in range(warmup + steps):
-        for name, step in steppers.items():
+        for name in order[rnd % len(order):] + order[: rnd % len(order)]:
             if rnd % sparse.get(name, 1):
                 continue
             t0 = time.perf_counter()
-            step(calls[name])
+            steppers[name](calls[name])
             elapsed = time.perf_counter() - t0
             calls[name] += 1
             if rnd >= warmup:
-                times[name].append(elapsed)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+                samples[name].append(elapsed)
+    return samples
 
 
 def build_graphs(model: torch.nn.Module, root: Path) -> dict[str, Path]:
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op and torch threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op and torch threads (default 1: stable numbers on a shared machine)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts = args.contexts or ([64, 256] if args.quick else [128, 512, 1024])
     steps = args.steps or (4 if args.quick else 20)
     warmup = 2
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads
     torch.set_num_threads(threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -189,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch_loop(model, ids, context),
             }
             # full recomputes are slow: one every 5 rounds still gives a stable median
-            timed = interleaved_ms(steppers, steps, warmup, sparse={"no_cache": 5})
-            row = {"context": context, **{f"{k}_ms": v for k, v in timed.items()}}
-            rows.append(row)
+            samples = interleaved(steppers, steps, warmup, sparse={"no_cache": 5})
+            row = {"context": context, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in samples.items()}}
+            rows.append({**row, "samples_s": samples})
             timings = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "context")
             print(f"context {context}: {timings}", file=sys.stderr)
 
@@ -203,9 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['context']} | {r['injected_ms']:.2f} | {r['native_ms']:.2f} | {r['raw_ms']:.2f} | "
               f"{r['no_cache_ms']:.2f} | {r['torch_ms']:.2f} | {r['no_cache_ms'] / r['injected_ms']:.1f}x | "
               f"{r['injected_ms'] / r['native_ms']:.2f}x | {r['torch_ms'] / r['injected_ms']:.2f}x |")
+    longest = rows[-1]
+    speedup = longest["no_cache_ms"] / longest["injected_ms"]
+    worst = max(r["injected_ms"] / r["native_ms"] for r in rows)
+    print(f"\nno-cache / injected at {longest['context']}: {speedup:.1f}x (goal >= 10x at 1024: "
+          f"{'met' if speedup >= 10 else 'NOT met'}); injected / native, worst context: {worst:.2f}x "
+          f"(goal <= 1.1x: {'met' if worst <= 1.1 else 'NOT met'})")
     if args.json is not None:
         tmp_path = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp_path.write_text(json.dumps({"setup": shape, "steps": steps, "rows": rows}, indent=2))
+        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "load_average": os.getloadavg(), "python": platform.python_version(),
+                   "onnxruntime": ort.__version__, "torch": torch.__version__}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path.write_text(json.dumps({"setup": shape, "steps": steps, "machine": machine, "rows": rows},
+                                       indent=2))
         os.replace(tmp_path, args.json)
     return 0
 
