@@ -5,14 +5,15 @@ that speaks transformers' ``CacheLayerMixin`` protocol, so ``model.generate(...,
 the mask builders (``get_mask_sizes``), beam search (``reorder_cache``, ``batch_repeat_interleave``),
 ``batch_select_indices``, ``crop`` and ``torch.compile`` (``is_compileable``) all work unchanged.
 
-The adapter translates two things and nothing else: transformers' length (the *logical* length, tokens
-seen, used for positions) versus the mask size (the *physical* length, slots held, plus the new tokens), and
-transformers' ``crop(-n)`` convention versus the layer's ``crop(length)``.
+The adapter translates, and holds no state of its own: transformers' length (the *logical* length, tokens
+seen, used for positions) versus the mask size (the *physical* length, slots held, plus the new tokens, with
+the position offset that eviction creates), transformers' ``crop(-n)`` convention versus the layer's
+``crop(length)``, and, inside a compiled step, the length as a device tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -65,12 +66,12 @@ class HFCacheLayer(CacheLayerMixin):
         return self.store.max_capacity is not None
 
     @property
-    def keys(self) -> torch.Tensor | None:
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
         kv = self.store.keys_values()
         return None if kv is None else kv[0]
 
     @property
-    def values(self) -> torch.Tensor | None:
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
         kv = self.store.keys_values()
         return None if kv is None else kv[1]
 
@@ -182,9 +183,11 @@ class KVCache(Cache):
     def __init__(self, stores: Sequence[CacheLayer], spec: str | CacheSpec = "dynamic") -> None:
         if not stores:
             raise KVCacheError("a KVCache needs at least one layer store")
-        super().__init__(layers=[HFCacheLayer(s) for s in stores])
+        # Typed view of ``layers`` (the same objects): transformers types them as any kind of layer.
+        self._adapters = [HFCacheLayer(s) for s in stores]
+        super().__init__(layers=list(self._adapters))
         self.spec = CacheSpec.parse(spec)
-        self.observer: Any = None
+        self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     # ----- construction ------------------------------------------------------------------------------
     @classmethod
@@ -257,27 +260,27 @@ class KVCache(Cache):
         attention_kwargs = kwargs.get("kwargs")
         if self.observer is not None and isinstance(attention_kwargs, dict):
             attention_kwargs[OBSERVER_KWARG] = self.observer
-        return self.layers[layer_idx].update(key_states, value_states)
+        return self._adapters[layer_idx].update(key_states, value_states)
 
     # ----- kvcache additions -------------------------------------------------------------------------
     @property
     def stores(self) -> list[CacheLayer]:
         """The per-layer :class:`CacheLayer` objects."""
-        return [layer.store for layer in self.layers]
+        return [layer.store for layer in self._adapters]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (logical length; positions continue from it)."""
         if layer_idx >= len(self.layers):
             return 0
-        return self.layers[layer_idx].get_seq_length()
+        return self._adapters[layer_idx].get_seq_length()
 
     def physical_length(self, layer_idx: int = 0) -> int:
         """Slots ``layer_idx`` holds now (tokens kept)."""
-        return self.layers[layer_idx].store.physical_length
+        return self._adapters[layer_idx].store.physical_length
 
     def nbytes(self) -> int:
         """Bytes of K/V memory all layers hold now (allocated, preallocated slack included)."""
-        return sum(layer.store.nbytes() for layer in self.layers)
+        return sum(layer.store.nbytes() for layer in self._adapters)
 
     def __repr__(self) -> str:
         return f"KVCache({str(self.spec)!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
