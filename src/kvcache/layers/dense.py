@@ -207,9 +207,12 @@ class StaticLayer(CacheLayer):
         self._length = 0  # slots held (host copy of _write_pos, valid unless _stale)
         self._evicted = 0  # tokens seen but dropped: seen = held + evicted; changes only in eager keep/crop
         self._stale = False  # a compiled step moved _write_pos without updating _length
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # Fixed addresses: mutating them in a compiled step must not count as mutating graph inputs
+        # (which would make torch.compile skip CUDA graphs).
         if not torch.compiler.is_compiling():
-            # Fixed addresses: mutating them in a compiled step must not count as mutating graph inputs
-            # (which would make torch.compile skip CUDA graphs).
             for t in (self._keys, self._values, self._write_pos):
                 torch._dynamo.mark_static_address(t)
 
@@ -323,6 +326,7 @@ class StaticLayer(CacheLayer):
             self._values.copy_(new_v)
         else:
             self._keys, self._values = new_k, new_v
+            self._mark_static()
 
     def crop(self, length: int) -> None:
         held = self._held()
