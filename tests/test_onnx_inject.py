@@ -67,8 +67,15 @@ def test_opset23_fused_attention_op(onnx_exports) -> None:
     model = onnx.load(str(onnx_exports.get("llama", "sdpa", "dynamo", 23) / "model.onnx"))
     assert any(n.op_type == "Attention" for n in model.graph.node)
     _check_equivalence(onnx_exports, "llama", "sdpa", "dynamo", 23)
-    with pytest.raises(KVCacheError, match="fused Attention op"):
-        onnx_exports.injected("llama", "sdpa", "dynamo", 23, attention_stats=True)
+    # attention statistics come from the op's own softmax output: they match the unfused legacy graph's
+    ids, mask, pos = make_batch(2, 8, seed=4)
+    fused_path = onnx_exports.injected("llama", "sdpa", "dynamo", 23, attention_stats=True)
+    plain_path = onnx_exports.injected("llama", "sdpa", "legacy", attention_stats=True)
+    _, fused = stepwise_logits(session(fused_path), ids, mask, pos, prefill=6)
+    _, plain = stepwise_logits(session(plain_path), ids, mask, pos, prefill=6)
+    for layer in range(2):
+        np.testing.assert_allclose(fused[names.attn_scores(layer)], plain[names.attn_scores(layer)],
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_gqa_cache_keeps_kv_heads_and_io_contract(onnx_exports) -> None:

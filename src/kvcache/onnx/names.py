@@ -9,8 +9,9 @@ Graph inputs
 ``attention_mask``       int64 ``[batch, total]`` with ``total = past + sequence``: 1 = attend, 0 = padding
                          or an empty slot. Columns follow the *physical* cache slots (the first ``past``
                          columns describe ``past_key_values.*``, the last ``sequence`` the current tokens).
-``position_ids``         int64 ``[batch, sequence]``, only for architectures that use positions
-                         (see :data:`kvcache.onnx.export.USES_POSITION_IDS`); LOGICAL positions of the
+``position_ids``         int64 ``[batch, sequence]``, only for architectures that use positions (all but
+                         the ALiBi ones, bloom and mpt: :data:`kvcache.onnx.export.NO_POSITION_IDS`);
+                         present iff the graph has this input. LOGICAL positions of the
                          current tokens: the count of real tokens seen before each one (Hugging Face's
                          ``cumsum(mask) - 1``; padding slots get 1). After a retention policy evicted
                          tokens, positions keep counting tokens *seen*, not slots kept.
@@ -24,9 +25,9 @@ Graph outputs
 ``present.{i}.key`` / ``.value``  ``[batch, num_kv_heads, past + sequence, head_dim]`` = past ++ current.
 ``attn_scores.{i}``      (only with ``--attention-stats``) float ``[batch, num_heads, past + sequence]``:
                          the attention probabilities (softmax over keys, padding and future keys masked) of
-                         the current queries, summed over the query rows, per *query* head. A host-side
-                         policy reduces query heads to KV heads itself (``num_heads // num_kv_heads`` per
-                         group) and accumulates across steps.
+                         the current queries, summed over the query rows that are real tokens (padding rows
+                         left out), per *query* head. A host-side policy reduces query heads to KV heads
+                         itself (``num_heads // num_kv_heads`` per group) and accumulates across steps.
 
 Causal rule of injected graphs: query ``i`` of the current chunk (0-based) attends to every past slot
 whose mask is 1 and to current tokens ``j <= i`` whose mask is 1.

@@ -1,9 +1,10 @@
 """Injection pass 3 (optional): per-layer attention statistics for host-side retention policies.
 
 Adds the output ``attn_scores.{i}`` ``[batch, num_heads, past + seq]``: the softmax probabilities the model
-itself computed (so no second attention pass), summed over the current query rows, with query rows that are
-padding (``attention_mask`` 0 in the last ``seq`` columns) left out. Policies such as H2O, TOVA and
-Keyformer's accumulation take their scores from it (Keyformer's Gumbel noise is added on the host).
+itself computed (the Softmax output, or output 3 of the fused ``Attention`` op switched to
+``qk_matmul_output_mode=3``: no second attention pass), summed over the current query rows, leaving out
+query rows that are padding (``attention_mask`` 0 in the last ``seq`` columns). Policies such as H2O, TOVA
+and Keyformer's accumulation take their scores from it (Keyformer's Gumbel noise is added on the host).
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ def add_attention_stats(g: Graph, sites: list[AttentionSite], builder: MaskBuild
     i64 = np.int64
     query_valid: dict[int, str] = {}
     for site in sites:
-        if site.softmax is None:
-            raise KVCacheError(f"layer {site.layer}: attention statistics need an explicit Softmax, and "
-                               "this graph uses the fused Attention op; export with opset 17-22 for "
-                               "--attention-stats")
+        probs = site.softmax.output[0] if site.softmax is not None else _fused_probs(g, site)
         dtype = site.score_dtype
         if dtype not in query_valid:
             # [batch, 1, seq, 1]: 1 for real current tokens, 0 for padding
@@ -35,10 +33,29 @@ def add_attention_stats(g: Graph, sites: list[AttentionSite], builder: MaskBuild
                                            g.const([1], i64)], hint="current_mask")
             query_valid[dtype] = g.add("Unsqueeze", [g.add("Cast", [current_mask], to=dtype),
                                                      g.const([1, 3], i64)], hint="query_valid")
-        probs = site.softmax.output[0]
         weighted = g.add("Mul", [probs, query_valid[dtype]], hint="valid_probs")
         out = names.attn_scores(site.layer)
         g.add("ReduceSum", [weighted, g.const([2], i64)], out=out, keepdims=0)
         g.g.output.append(onnx.helper.make_tensor_value_info(
             out, dtype, [names.BATCH_DIM, "num_heads", names.TOTAL_DIM]))
         g.outputs.add(out)
+
+
+def _fused_probs(g: Graph, site: AttentionSite) -> str:
+    """Ask the opset-23 ``Attention`` op for its softmax output (``qk_matmul_output_mode=3``, output 3)."""
+    node = site.qk
+    for attr in node.attribute:
+        if attr.name == "qk_matmul_output_mode":
+            if attr.i not in (0, 3):
+                raise KVCacheError(f"layer {site.layer}: Attention node {node.name!r} already outputs its "
+                                   f"pre-softmax scores (qk_matmul_output_mode={attr.i})")
+            attr.i = 3
+            break
+    else:
+        node.attribute.append(onnx.helper.make_attribute("qk_matmul_output_mode", 3))
+    while len(node.output) < 4:
+        node.output.append("")
+    if not node.output[3]:
+        node.output[3] = g.fresh("attention_probs")
+        g.producer[node.output[3]] = node
+    return node.output[3]
