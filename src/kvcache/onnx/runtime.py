@@ -117,7 +117,10 @@ class OnnxGenerator:
         Returns
         -------
         StepOutput
-            ``logits`` ``(B, S, V)``, the presents and any attention statistics.
+            ``logits`` ``(B, S, V)``, the presents, and ``attn_scores`` when the graph was injected with
+            attention statistics: per layer ``(B, H_q, T_phys + S)``, the scores a host-side retention
+            policy selects tokens by (then calling ``keep`` on the stores, and dropping the same slots from
+            the slot mask it passes here next).
         """
         batch, seq = input_ids.shape
         stores = cache.stores
