@@ -186,6 +186,14 @@ def test_directory_without_config(onnx_exports, tmp_path: Path) -> None:
     _no_new_files(tmp_path, before)
 
 
+def test_graph_without_positions_is_rejected_for_rope_models(onnx_exports) -> None:
+    d = onnx_exports.get("llama")
+    model = onnx.load(str(d / "model.onnx"))
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == names.POSITION_IDS))
+    with pytest.raises(KVCacheError, match="no position_ids input"):
+        KVCacheInjector(d).apply(model)
+
+
 def test_missing_pattern_names_architecture_and_layer(onnx_exports) -> None:
     d = onnx_exports.get("llama")
     model = onnx.load(str(d / "model.onnx"))

@@ -26,6 +26,7 @@ from transformers import AutoConfig, PretrainedConfig
 from kvcache.errors import KVCacheError
 from kvcache.models.random import ARCHITECTURES
 from kvcache.onnx import names
+from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.graph import Graph, probe_shapes
 from kvcache.onnx.patterns import (
     AttentionSite,
@@ -97,6 +98,12 @@ class KVCacheInjector:
                 or names.META_INJECTED in meta:
             raise KVCacheError("this graph already has a KV cache (past_key_values.* inputs / present.* "
                                "outputs); inject into the graph exported without cache")
+        if self.arch not in NO_POSITION_IDS and names.INPUT_IDS in inputs \
+                and names.POSITION_IDS not in inputs:
+            # the graph would derive positions from its own arange(seq): every step would restart at 0
+            raise KVCacheError(f"{self.arch} uses positions but the graph has no position_ids input; export "
+                               "with position_ids (`kvcache onnx export` does) so steps after the first get "
+                               "their true positions")
         missing = [n for n in (names.INPUT_IDS, names.ATTENTION_MASK) if n not in inputs]
         if missing or names.LOGITS not in outputs:
             raise KVCacheError(
@@ -221,12 +228,20 @@ class KVCacheInjector:
 
     def _finish_io(self, model: onnx.ModelProto, sites: list[AttentionSite], probe: dict) -> None:
         """Symbolic dims on the mask input; drop stale value_info; record the cache geometry."""
+        batch_dim = names.BATCH_DIM
         for vi in model.graph.input:
-            if vi.name == names.ATTENTION_MASK:
-                dims = vi.type.tensor_type.shape.dim
-                if len(dims) == 2:
-                    dims[1].Clear()
-                    dims[1].dim_param = names.TOTAL_DIM
+            if vi.name == names.INPUT_IDS:
+                first = vi.type.tensor_type.shape.dim[0]
+                batch_dim = first.dim_param or batch_dim
+        for vi in list(model.graph.input) + list(model.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            if vi.name == names.ATTENTION_MASK and len(dims) == 2:
+                dims[1].Clear()
+                dims[1].dim_param = names.TOTAL_DIM
+            # one batch symbol everywhere (the exporter's name for it, e.g. from the dynamo exporter)
+            if names.parse_cache_name(vi.name) is not None or vi.name == names.ATTENTION_MASK:
+                dims[0].Clear()
+                dims[0].dim_param = batch_dim
         del model.graph.value_info[:]
         meta = {
             names.META_INJECTED: "1",
