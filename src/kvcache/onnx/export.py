@@ -201,9 +201,10 @@ def _run_exporter(module: torch.nn.Module, args: tuple[Any, ...], path: Path, ex
     def dim(name: str) -> Any:
         return dims.setdefault(name, torch.export.Dim.DYNAMIC)
 
-    shapes = []
-    for name in input_names:
-        shapes.append({k: dim(v) for k, v in axes.get(name, {}).items()})
+    shapes: list[Any] = [{k: dim(v) for k, v in axes.get(name, {}).items()} for name in input_names]
+    if isinstance(module, _WithPast):
+        # torch.export sees forward(input_ids, attention_mask, *rest): the varargs are one tuple
+        shapes = shapes[:2] + [tuple(shapes[2:])]
     program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
                                 output_names=output_names, dynamic_shapes=tuple(shapes), optimize=True,
                                 verbose=False)
