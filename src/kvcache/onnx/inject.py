@@ -309,6 +309,9 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     try:
         onnx.save_model(model, tmp)
         onnx.checker.check_model(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
         os.replace(tmp, dest)
     except onnx.checker.ValidationError as exc:
         raise KVCacheError(f"the injected graph failed onnx.checker: {exc}") from exc
