@@ -231,3 +231,23 @@ def test_cli_generate_text_and_errors(llama, tmp_path):
     assert bad.exit_code == 2 and "model.onnx" in bad.output
     typo = runner.invoke(app, ["onnx", "generate", str(llama[1]), "ab", "--cache", "statik"])
     assert typo.exit_code == 2 and "statik" in typo.output
+
+
+def test_cli_flow_export_inject_check_generate(tokenizer, tmp_path):
+    """The documented flow, command by command: the ONNX text equals `kvcache generate`'s."""
+    model = random_model("llama", seed=5)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    hf, out = str(tmp_path / "hf"), str(tmp_path / "onnx")
+    runner = CliRunner()
+    for args in (["onnx", "export", hf, "--out", out], ["onnx", "inject", out],
+                 ["onnx", "check", f"{out}/model.onnx", out]):
+        step = runner.invoke(app, args)
+        assert step.exit_code == 0, (args, step.output)
+    ours = runner.invoke(app, ["onnx", "generate", out, "Hello world", "-n", "12", "-c", "static", "--json"])
+    ref = runner.invoke(app, ["generate", "Hello world", "--model", hf, "-n", "12", "-c", "static", "--json"])
+    assert ours.exit_code == 0 and ref.exit_code == 0, (ours.output, ref.output)
+    ours_json, ref_json = json.loads(ours.stdout), json.loads(ref.stdout)
+    assert ours_json["text"] == ref_json["text"]
+    assert ours_json["finish_reason"] == ref_json["finish_reason"]
+    assert ours_json["stats"]["cache_bytes"] == ref_json["stats"]["cache_bytes"]  # same layers, same bytes
