@@ -84,6 +84,16 @@ def test_alibi_model_without_position_ids(bloom, tokenizer):
     assert ours.token_ids == ref.token_ids
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "mpt", "qwen2"])
+def test_more_architectures_match_pytorch(arch, tokenizer, tmp_path):
+    """Rotary (NeoX), learned positions with an offset (OPT), ALiBi (MPT), GQA with biases (Qwen2)."""
+    model = random_model(arch, seed=6)
+    ref = generate(model, tokenizer, PROMPTS, max_new_tokens=8, eos_token_id=[])
+    _injected(model, tokenizer, tmp_path)
+    ours = OnnxGenerator(tmp_path, tokenizer=tokenizer).generate(PROMPTS, max_new_tokens=8, eos_token_id=[])
+    assert ours.token_ids == ref.token_ids
+
+
 def test_left_padded_row_equals_the_row_alone(llama):
     gen = OnnxGenerator(llama[1])
     batch = gen.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])
