@@ -78,6 +78,34 @@ def test_opset23_fused_attention_op(onnx_exports) -> None:
                                    rtol=1e-4, atol=1e-6)
 
 
+SLIDING = {
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},  # layer 1 only
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDING))
+def test_sliding_window_layers(tmp_path: Path, arch: str) -> None:
+    """Windows shorter than the sequence: the injected mask applies them per layer as the original does."""
+    import torch
+
+    from kvcache.models.random import random_model
+    from kvcache.onnx.export import export_model
+
+    model = random_model(arch, **onnx_fixtures.TINY, **SLIDING[arch])
+    export_model(model, tmp_path)
+    ids, mask, pos = make_batch(2, 10)
+    want = reference_logits(session(tmp_path / "model.onnx"), ids, mask, pos)
+    with torch.no_grad():
+        plain = random_model(arch, **onnx_fixtures.TINY)(input_ids=torch.from_numpy(ids),
+                                                          attention_mask=torch.from_numpy(mask),
+                                                          position_ids=torch.from_numpy(pos)).logits.numpy()
+    assert relative_error(plain, want, mask) > 1e-2  # the window does change the result
+    got, _ = stepwise_logits(session(inject_file(tmp_path)), ids, mask, pos, prefill=3)
+    assert relative_error(got, want, mask) < 1e-4
+
+
 def test_gqa_cache_keeps_kv_heads_and_io_contract(onnx_exports) -> None:
     model = onnx.load(str(onnx_exports.injected("llama", "eager", "legacy")), load_external_data=False)
     inputs = {i.name: i for i in model.graph.input}

@@ -57,6 +57,19 @@ def _geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
     return text.num_hidden_layers, heads, kv, head_dim
 
 
+def _sliding_windows(config: PretrainedConfig, num_layers: int) -> list[int | None]:
+    """Per layer, the sliding-window size of its attention, or ``None`` for full causal attention."""
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "model_type", None) == "gpt_neo":
+        kinds = getattr(text, "attention_layers", None) or ["global"] * num_layers
+        return [text.window_size if k == "local" else None for k in kinds]
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * num_layers
+
+
 class KVCacheInjector:
     """Adds a KV cache to a decoder graph exported without one.
 
@@ -213,12 +226,14 @@ class KVCacheInjector:
         # before any edit: sizes the exporter read from the mask are split into current/total lengths
         split_mask_sizes(g, sites, probe)
         builder = MaskBuilder(g)
+        windows = _sliding_windows(self.config, self.num_layers)
         for site in sites:
             inject_cache(g, site, (self.num_kv_heads, self.head_dim), probe, probe2, seq, seq2, self.arch)
+            window = windows[site.layer]
             if site.mask_edits:
-                apply_mask_edits(g, builder, site.mask_edits, site.score_dtype)
+                apply_mask_edits(g, builder, site.mask_edits, site.score_dtype, window)
             elif site.softmax is not None:
-                add_mask_before_softmax(g, builder, site.softmax, site.score_dtype)
+                add_mask_before_softmax(g, builder, site.softmax, site.score_dtype, window)
         if self.attention_stats:
             add_attention_stats(g, sites, builder)
         g.prune()

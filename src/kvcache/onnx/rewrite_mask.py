@@ -4,7 +4,7 @@ The graph's own mask was built for ``seq x seq`` scores from an ``attention_mask
 injection ``attention_mask`` spans ``past + seq`` columns and the scores are ``[.., seq, past + seq]``, so
 the pass builds (once)::
 
-    allowed[b, 0, i, j] = attention_mask[b, j] == 1  and  j <= past + i
+    allowed[b, 0, i, j] = attention_mask[b, j] == 1  and  j <= past + i  [and  j > past + i - window]
 
 and feeds it (bool, negated bool, or additive 0 / most-negative float) to every mask entry point found by
 :func:`kvcache.onnx.patterns.find_mask_edits`; the old mask computation becomes dead and is pruned.
@@ -28,9 +28,10 @@ class MaskBuilder:
 
     def __init__(self, g: Graph) -> None:
         self.g = g
-        self._allowed: str | None = None
-        self._cache: dict[tuple[str, int], str] = {}
+        self._allowed: dict[int | None, str] = {}
+        self._cache: dict[tuple[str, int, int | None], str] = {}
         self._current: str | None = None
+        self._positions: tuple[str, str] | None = None
 
     def current_len(self) -> str:
         """1-D ``[seq]``: the number of current tokens (from ``input_ids``)."""
@@ -44,37 +45,55 @@ class MaskBuilder:
                                       hint="current_len")
         return self._current
 
-    def allowed(self) -> str:
-        """Bool ``[batch, 1, seq, past + seq]``: True where query ``i`` may attend key ``j``."""
-        if self._allowed is not None:
-            return self._allowed
-        g = self.g
-        i64 = np.int64
-        shape = g.add("Shape", [names.ATTENTION_MASK], hint="mask_shape")
-        total = g.add("Squeeze", [g.add("Gather", [shape, g.const([1], i64)], axis=0), g.const([0], i64)],
-                      hint="total_len")
-        current = g.add("Squeeze", [self.current_len(), g.const([0], i64)], hint="current_scalar")
-        past = g.add("Sub", [total, current], hint="past_len")
-        one, zero = g.const(1, i64), g.const(0, i64)
-        key_pos = g.add("Unsqueeze", [g.add("Range", [zero, total, one], hint="key_pos"), g.const([0], i64)])
-        query_pos = g.add("Unsqueeze", [g.add("Range", [past, total, one], hint="query_pos"),
-                                        g.const([1], i64)])
-        causal = g.add("LessOrEqual", [key_pos, query_pos], hint="causal")  # [seq, total]
-        padding = g.add("Unsqueeze", [g.add("Cast", [names.ATTENTION_MASK], to=TensorProto.BOOL),
-                                      g.const([1, 2], i64)], hint="padding")  # [batch, 1, 1, total]
-        self._allowed = g.add("And", [padding, causal], hint="allowed")  # [batch, 1, seq, total]
-        return self._allowed
+    def _key_query_positions(self) -> tuple[str, str]:
+        """``([1, total] key slots, [seq, 1] query slots)``: current tokens occupy the last ``seq`` slots."""
+        if self._positions is None:
+            g = self.g
+            i64 = np.int64
+            shape = g.add("Shape", [names.ATTENTION_MASK], hint="mask_shape")
+            total = g.add("Squeeze", [g.add("Gather", [shape, g.const([1], i64)], axis=0), g.const([0], i64)],
+                          hint="total_len")
+            current = g.add("Squeeze", [self.current_len(), g.const([0], i64)], hint="current_scalar")
+            past = g.add("Sub", [total, current], hint="past_len")
+            one, zero = g.const(1, i64), g.const(0, i64)
+            key_pos = g.add("Unsqueeze", [g.add("Range", [zero, total, one], hint="key_pos"),
+                                          g.const([0], i64)])
+            query_pos = g.add("Unsqueeze", [g.add("Range", [past, total, one], hint="query_pos"),
+                                            g.const([1], i64)])
+            self._positions = (key_pos, query_pos)
+        return self._positions
 
-    def get(self, kind: str, dtype: int) -> str:
+    def allowed(self, window: int | None = None) -> str:
+        """Bool ``[batch, 1, seq, past + seq]``: True where query ``i`` may attend key ``j``.
+
+        ``window`` adds a sliding window (Mistral, Qwen2 sliding layers, GPT-Neo local layers): key slot
+        ``j`` is also required to satisfy ``j > query_slot - window``, as Hugging Face's overlay does.
+        Slots equal positions unless a host-side policy evicted tokens.
+        """
+        if window in self._allowed:
+            return self._allowed[window]
+        g = self.g
+        key_pos, query_pos = self._key_query_positions()
+        causal = g.add("LessOrEqual", [key_pos, query_pos], hint="causal")  # [seq, total]
+        if window is not None:
+            lower = g.add("Sub", [query_pos, g.const(int(window), np.int64)], hint="window_start")
+            causal = g.add("And", [causal, g.add("Greater", [key_pos, lower], hint="in_window")],
+                           hint="causal_window")
+        padding = g.add("Unsqueeze", [g.add("Cast", [names.ATTENTION_MASK], to=TensorProto.BOOL),
+                                      g.const([1, 2], np.int64)], hint="padding")  # [batch, 1, 1, total]
+        self._allowed[window] = g.add("And", [padding, causal], hint="allowed")  # [batch, 1, seq, total]
+        return self._allowed[window]
+
+    def get(self, kind: str, dtype: int, window: int | None = None) -> str:
         """The mask of ``kind`` (see :class:`~kvcache.onnx.patterns.MaskEdit`) in element type ``dtype``."""
-        key = (kind, dtype if kind == "additive" else TensorProto.BOOL)
+        key = (kind, dtype if kind == "additive" else TensorProto.BOOL, window)
         if key in self._cache:
             return self._cache[key]
         g = self.g
         if kind == "allowed":
-            out = self.allowed()
+            out = self.allowed(window)
         elif kind == "blocked":
-            out = g.add("Not", [self.allowed()], hint="blocked")
+            out = g.add("Not", [self.allowed(window)], hint="blocked")
         else:
             np_dtype = _NP_FLOAT.get(dtype)
             if np_dtype is None:
@@ -82,18 +101,21 @@ class MaskBuilder:
             # the most negative finite value (as Hugging Face does): a fully masked row (left padding)
             # then softmaxes to a uniform row instead of NaN
             low = g.const(np.array(np.finfo(np_dtype).min, dtype=np_dtype), hint="mask_min")
-            out = g.add("Where", [self.allowed(), g.const(np.array(0, dtype=np_dtype)), low], hint="additive")
+            out = g.add("Where", [self.allowed(window), g.const(np.array(0, dtype=np_dtype)), low],
+                        hint="additive")
         self._cache[key] = out
         return out
 
 
-def apply_mask_edits(g: Graph, builder: MaskBuilder, edits: list[MaskEdit], dtype: int) -> None:
+def apply_mask_edits(g: Graph, builder: MaskBuilder, edits: list[MaskEdit], dtype: int,
+                     window: int | None = None) -> None:
     """Point every mask entry point at the injected mask."""
     for edit in edits:
-        g.replace_input(edit.node, edit.index, builder.get(edit.kind, dtype))
+        g.replace_input(edit.node, edit.index, builder.get(edit.kind, dtype, window))
 
 
-def add_mask_before_softmax(g: Graph, builder: MaskBuilder, softmax: onnx.NodeProto, dtype: int) -> None:
+def add_mask_before_softmax(g: Graph, builder: MaskBuilder, softmax: onnx.NodeProto, dtype: int,
+                            window: int | None = None) -> None:
     """For layers whose graph applied no mask (causal-only SDPA): add the injected mask to the logits."""
-    masked = g.add("Add", [softmax.input[0], builder.get("additive", dtype)], hint="masked_scores")
+    masked = g.add("Add", [softmax.input[0], builder.get("additive", dtype, window)], hint="masked_scores")
     g.replace_input(softmax, 0, masked)
