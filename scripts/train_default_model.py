@@ -102,7 +102,7 @@ PRESETS: dict[str, Preset] = {
     # ~1.2-4k tokens/s here, measured, depending on the load) so that ~4M tokens (4096 per step) fit; retrieval-heavy data with loss on every token
     # (the only GPU trial that learnt passkey retrieval had loss everywhere); a length curriculum
     # 256 -> 512 -> 1024 so copying heads form on cheap short rows first, then stretch to 1024.
-    "cpu": Preset(steps=1000, batch=4, seq_len=1024, long_every=0, lr=2e-3, warmup=30, budget_s=65 * 60.0,
+    "cpu": Preset(steps=800, batch=4, seq_len=1024, long_every=0, lr=2e-3, warmup=30, budget_s=65 * 60.0,
                   log_every=10, layers=4, hidden=256, heads=8, kv_heads=2, ffn=640, vocab=4096,
                   prose_fraction=0.15, filler_weight=1.0, valid_every=100, valid_tokens=8192,
                   keep_best=False, checkpoint_every=100, task_mix=(0.6, 0.2, 0.2),
@@ -112,9 +112,10 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(steps=4000, batch=32, seq_len=1024, long_every=4, lr=2e-3, warmup=150, budget_s=200.0,
                   log_every=100),
     # proves the pipeline runs (tests, CI): a minute or less, tiny model, short sequences
-    "smoke": Preset(steps=12, batch=4, seq_len=256, long_every=4, lr=2e-3, warmup=2, budget_s=30.0,
+    "smoke": Preset(steps=8, batch=4, seq_len=256, long_every=4, lr=2e-3, warmup=2, budget_s=30.0,
                     log_every=4, layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512,
-                    max_positions=512, prose_fraction=0.5, valid_every=6, corpus_files=120),
+                    max_positions=512, prose_fraction=0.5, valid_every=4, valid_tokens=2048,
+                    corpus_files=40),
 }
 
 
@@ -192,11 +193,13 @@ class Batches(torch.utils.data.IterableDataset):
             self._fillers = (Filler(self.sentences, count), Filler.repeat(count))
         return self._fillers
 
-    def shape(self, step: int) -> tuple[int, int]:
-        """(rows, sequence length) of batch ``step``."""
+    def shape(self, step: int, progress: float | None = None) -> tuple[int, int]:
+        """(rows, sequence length) of batch ``step``; a curriculum phase follows ``progress`` if given
+        (training progress in [0, 1], see main), else ``step / steps``."""
         p = self.p
+        where = step / p.steps if progress is None else progress
         for end, seq_len, batch in p.curriculum:
-            if step < end * p.steps:
+            if where < end:
                 return batch, seq_len
         if p.curriculum:
             return p.curriculum[-1][2], p.curriculum[-1][1]
@@ -250,8 +253,8 @@ class Batches(torch.utils.data.IterableDataset):
         pad = length + 1 - len(ids)
         return ids + [PAD] * pad, weights + [0.0] * pad
 
-    def make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, length = self.shape(step)
+    def make(self, step: int, progress: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length = self.shape(step, progress)
         rng = random.Random(f"{self.seed}:{step}")
         rows = [self.row(rng, length, step, r) for r in range(batch)]
         return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
@@ -461,7 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     stop_reason = "steps"
     window_t, window_tokens = time.time(), 0
-    for step, (ids, w) in enumerate(loader):
+    def in_process():
+        """Batches made in this process, the curriculum following the same progress as the learning rate:
+        on a slow or busy CPU the time budget ends the run early, and every phase still gets its share."""
+        for s in range(p.steps):
+            yield data.make(s, max(s / p.steps, (time.time() - t_train) / p.budget_s))
+
+    for step, (ids, w) in enumerate(in_process() if workers == 0 and p.curriculum else loader):
         elapsed = time.time() - t_train
         progress = max(step / p.steps, elapsed / p.budget_s)
         if progress >= 1.0:
