@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                               else "cpu" if args.device == "auto" else args.device)
         torch.manual_seed(0)
-        bs = args.batch_size or (50 if device.type == "cuda" else 4)
+        bs = args.batch_size or (50 if device.type == "cuda" else 8)
         ev = run_eval(args.dir, device, args.prompts, [int(c) for c in args.contexts.split(",")], bs)
         write_text(args.dir / "eval.json", json.dumps(ev, indent=2) + "\n")
     train = json.loads((args.dir / "train_log.json").read_text())
