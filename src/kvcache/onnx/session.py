@@ -18,14 +18,12 @@ import torch
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 
-#: ONNX Runtime element type strings -> torch dtypes we can bind without conversion
+#: ONNX Runtime element types of cache inputs -> the torch dtype of the host cache
 _ORT_TO_TORCH: dict[str, torch.dtype] = {
     "tensor(float)": torch.float32,
     "tensor(float16)": torch.float16,
     "tensor(double)": torch.float64,
-    "tensor(int64)": torch.int64,
 }
-
 
 #: file names tried, in order, when a directory is given: the injector's default output
 #: (``kvcache onnx inject DIR``), then the exporter's (``kvcache onnx export --with-cache``)
