@@ -30,8 +30,8 @@ from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.graph import Graph, probe_shapes
 from kvcache.onnx.patterns import (
     AttentionSite,
-    MaskEdit,
     find_mask_edits,
+    fused_site,
     kv_source,
     prob_consumer,
     score_path,
@@ -140,7 +140,10 @@ class KVCacheInjector:
         want = (batch, self.num_kv_heads, seq, self.head_dim)
         reasons: list[str] = []
         for node in fused:
-            sites.append(self._fused_site(g, node, len(sites), want, probe, probe2, seq2))
+            site = fused_site(g, node, len(sites), want, probe, probe2, seq2)
+            if isinstance(site, str):
+                raise KVCacheError(f"{self.arch}: layer {len(sites)}: {site}")
+            sites.append(site)
         for softmax in softmaxes:
             layer = len(sites)
             path = score_path(g, softmax)
@@ -171,39 +174,6 @@ class KVCacheInjector:
             raise KVCacheError(f"{self.arch}: found {len(sites)} attention layers in the graph but the "
                                f"config says {self.num_layers}" + (f" ({detail})" if detail else ""))
         return sites
-
-    def _fused_site(self, g: Graph, node: onnx.NodeProto, layer: int, want: tuple[int, int, int, int],
-                    probe: dict, probe2: dict, seq2: int) -> AttentionSite:
-        """A site for the opset-23 ``Attention(Q, K, V, [mask])`` op (4-D inputs, as torch exports it).
-
-        The op's own past_key/past_value inputs are not used: the Concat goes before repeat_kv instead,
-        so the cache keeps ``num_kv_heads`` even when the exporter repeated K/V for the op.
-        """
-        if len(node.input) > 4 and any(node.input[4:]):
-            raise KVCacheError(f"{self.arch}: layer {layer}: Attention node {node.name!r} already takes "
-                               "a past")
-        found = []
-        for index, what in ((1, "key"), (2, "value")):
-            r = kv_source(g, node.input[index], want, probe, probe2, seq2)
-            if isinstance(r, str):
-                raise KVCacheError(f"{self.arch}: layer {layer}: {what} of Attention node {node.name!r}: {r}")
-            found.append(r)
-        edits: list[MaskEdit] = []
-        dtype = probe[node.input[0]].elem_type if node.input[0] in probe else onnx.TensorProto.FLOAT
-        if len(node.input) > 3 and node.input[3]:
-            mask_info = probe.get(node.input[3])
-            is_bool = mask_info is not None and mask_info.elem_type == onnx.TensorProto.BOOL
-            edits.append(MaskEdit(node, 3, "allowed" if is_bool else "additive"))
-        else:
-            while len(node.input) < 4:
-                node.input.append("")
-            edits.append(MaskEdit(node, 3, "additive"))
-        for attr in node.attribute:
-            if attr.name == "is_causal":
-                attr.i = 0  # the injected mask is causal with the past offset; the op's flag is not
-        return AttentionSite(layer=layer, qk=node, av=node, softmax=None, key=found[0][0], value=found[1][0],
-                             key_layout=found[0][2], value_layout=found[1][2],
-                             chain=found[0][1] + found[1][1], mask_edits=edits, score_dtype=dtype)
 
     # ----- the pass -----------------------------------------------------------------------------------
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:

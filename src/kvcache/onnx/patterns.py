@@ -220,3 +220,38 @@ def find_mask_edits(g: Graph, path: list[tuple[onnx.NodeProto, int]]) -> list[Ma
             if kind is not None:
                 edits.append(MaskEdit(node, side, kind))
     return edits
+
+
+def fused_site(g: Graph, node: onnx.NodeProto, layer: int, want: tuple[int, int, int, int],
+               probe: dict[str, TensorInfo], probe2: dict[str, TensorInfo], seq2: int) -> AttentionSite | str:
+    """A site for the opset-23 ``Attention(Q, K, V, [mask])`` op (4-D inputs, as torch exports it).
+
+    The op's own ``past_key``/``past_value`` inputs are not used: the Concat goes before repeat_kv instead,
+    so the cache keeps ``num_kv_heads`` even when the exporter repeated K/V for the op. The op's
+    ``is_causal`` flag is cleared (the injected mask is causal with the past offset). Returns the reason
+    when the pattern does not match.
+    """
+    if len(node.input) > 4 and any(node.input[4:]):
+        return f"Attention node {node.name!r} already takes a past"
+    found = []
+    for index, what in ((1, "key"), (2, "value")):
+        r = kv_source(g, node.input[index], want, probe, probe2, seq2)
+        if isinstance(r, str):
+            return f"{what} of Attention node {node.name!r}: {r}"
+        found.append(r)
+    edits: list[MaskEdit] = []
+    dtype = probe[node.input[0]].elem_type if node.input[0] in probe else onnx.TensorProto.FLOAT
+    if len(node.input) > 3 and node.input[3]:
+        mask_info = probe.get(node.input[3])
+        is_bool = mask_info is not None and mask_info.elem_type == onnx.TensorProto.BOOL
+        edits.append(MaskEdit(node, 3, "allowed" if is_bool else "additive"))
+    else:
+        while len(node.input) < 4:
+            node.input.append("")
+        edits.append(MaskEdit(node, 3, "additive"))
+    for attr in node.attribute:
+        if attr.name == "is_causal":
+            attr.i = 0
+    return AttentionSite(layer=layer, qk=node, av=node, softmax=None, key=found[0][0], value=found[1][0],
+                         key_layout=found[0][2], value_layout=found[1][2], chain=found[0][1] + found[1][1],
+                         mask_edits=edits, score_dtype=dtype)
