@@ -76,3 +76,14 @@ def test_hub_id_offline_not_cached_says_how_to_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(KVCacheError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
         load("kvcache-tests/no-such-model-anywhere")
+
+
+def test_bad_device_fails_before_loading(model_dir):
+    with pytest.raises(KVCacheError, match="unknown device 'gpu0'"):
+        load(model_dir, device="gpu0")
+    if torch.cuda.is_available():
+        model, _ = load(model_dir, device="cuda")
+        assert next(model.parameters()).device.type == "cuda"
+    else:
+        with pytest.raises(KVCacheError, match="no CUDA"):
+            load(model_dir, device="cuda")

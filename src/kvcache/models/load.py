@@ -62,6 +62,7 @@ def load(
         model is not in the local cache while offline. The message says how to fix it.
     """
     torch_dtype = _resolve_dtype(dtype)
+    device = _resolve_device(device)
     text = os.fspath(name_or_path)
     if text == "default":
         path = _default_dir()
@@ -92,6 +93,22 @@ def _default_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def _resolve_device(device: torch.device | str | None) -> torch.device | None:
+    """Parse and check the device up front: a bad one fails before the (slow) model load."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise KVCacheError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise KVCacheError(f"device {device!r} asked for, but this torch build or machine has no CUDA; "
+                           "use --device cpu or install a CUDA build of torch")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise KVCacheError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return resolved
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -115,7 +132,7 @@ def _hub_reachable() -> bool:
     return True
 
 
-def _from_pretrained(source: str, device: torch.device | str | None, dtype: torch.dtype | None,
+def _from_pretrained(source: str, device: torch.device | None, dtype: torch.dtype | None,
                      *, local: bool) -> tuple[Any, Any]:
     if local:
         try:
