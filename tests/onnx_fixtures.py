@@ -10,6 +10,11 @@ Reuse from any test module (``tests/`` is on ``sys.path`` under pytest's default
   a temporary directory (``model.onnx`` + ``config.json``) and returns that directory;
   ``onnx_exports.injected(...)`` returns the path of the injected graph (``model_kvcache.onnx``) beside it.
   Legacy exports take ~1-2 s, dynamo exports ~20-40 s on 2 CPU cores: prefer legacy in new tests.
+* The dynamo half of the injection matrix is mostly read from pre-exported graphs:
+  :data:`DYNAMO_LIVE` variants are exported live (so the installed exporter is still exercised), the
+  :data:`DYNAMO_FIXTURES` variants come from ``tests/fixtures/onnx/<variant>/`` (``model.onnx`` +
+  ``config.json``), written by ``python scripts/make_onnx_fixtures.py`` and listed with their sha256 in
+  ``tests/fixtures/onnx/MANIFEST.json``; :func:`manifest_problems` compares the two.
 * :func:`reference_logits` runs a no-cache graph over whole sequences; :func:`stepwise_logits` runs an
   injected (or natively exported with-past) graph as a prefill chunk then single-token steps, feeding
   ``present.*`` back as ``past_key_values.*``; :func:`make_batch` builds left-padded inputs.
@@ -17,20 +22,78 @@ Reuse from any test module (``tests/`` is on ``sys.path`` under pytest's default
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from kvcache.models.random import random_model
+from kvcache.models.random import ARCHITECTURES, random_model
 from kvcache.onnx.export import export_model
 from kvcache.onnx.inject import inject_file
 
 #: architectures whose random model supports attn_implementation="sdpa"
 SDPA_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox", "opt")
 TINY = {"num_layers": 2, "hidden": 32, "num_heads": 4}
+#: the injection test matrix: every architecture with eager attention, plus SDPA where available
+MATRIX = [(a, "eager") for a in ARCHITECTURES] + [(a, "sdpa") for a in SDPA_ARCHS]
+#: dynamo variants the default run exports live: RoPE + GQA (llama), ALiBi + sizes read from the mask (bloom)
+DYNAMO_LIVE = [("llama", "eager"), ("bloom", "eager")]
+#: the rest of the dynamo matrix: read from ``FIXTURE_ROOT/<fixture_name(arch, attn)>/``
+DYNAMO_FIXTURES = [v for v in MATRIX if v not in DYNAMO_LIVE]
+FIXTURE_ROOT = Path(__file__).resolve().parent / "fixtures" / "onnx"
+MANIFEST = "MANIFEST.json"
+#: the files kept per fixture variant: the no-cache graph (weights embedded) and what the injector reads
+FIXTURE_FILES = ("model.onnx", "config.json")
+REGENERATE = "python scripts/make_onnx_fixtures.py"
+
+
+def fixture_name(arch: str, attn: str, exporter: str = "dynamo") -> str:
+    """Directory name of a fixture variant, e.g. ``"mistral-sdpa-dynamo"``."""
+    return f"{arch}-{attn}-{exporter}"
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_manifest(root: Path = FIXTURE_ROOT) -> dict[str, Any]:
+    """The parsed ``MANIFEST.json`` of a fixture folder."""
+    return json.loads((root / MANIFEST).read_text())
+
+
+def manifest_problems(root: Path = FIXTURE_ROOT) -> list[str]:
+    """Differences between ``root``'s manifest, the files on disk and :data:`DYNAMO_FIXTURES`.
+
+    Returns one line per problem (missing, extra or changed file, missing or unexpected variant); empty
+    when the fixtures are exactly what the manifest says.
+    """
+    if not (root / MANIFEST).is_file():
+        return [f"{root / MANIFEST} is missing"]
+    variants: dict[str, Any] = read_manifest(root)["variants"]
+    problems = []
+    want = {fixture_name(a, m) for a, m in DYNAMO_FIXTURES}
+    problems += [f"variant {v} is not in the manifest" for v in sorted(want - set(variants))]
+    problems += [f"variant {v} is in the manifest, not the matrix" for v in sorted(set(variants) - want)]
+    on_disk = {p.name for p in root.iterdir() if p.is_dir()}
+    problems += [f"directory {v}/ is not in the manifest" for v in sorted(on_disk - set(variants))]
+    for name, entry in sorted(variants.items()):
+        files: dict[str, str] = entry["files"]
+        for fname, digest in sorted(files.items()):
+            path = root / name / fname
+            if not path.is_file():
+                problems.append(f"{name}/{fname} is missing")
+            elif sha256(path) != digest:
+                problems.append(f"{name}/{fname} does not match its sha256 in the manifest")
+        if (root / name).is_dir():
+            extra = {p.name for p in (root / name).iterdir()} - set(files)
+            problems += [f"{name}/{f} is not in the manifest" for f in sorted(extra)]
+    return problems
 
 
 class ExportCache:
