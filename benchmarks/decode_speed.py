@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default: 128 512 2048")
     parser.add_argument("--steps", type=int, default=None, help="decode steps per timed repeat (default 8)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cache (default 12)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cache (default 20)")
     parser.add_argument("--recompute-steps", type=int, default=None, help="no-cache steps timed (default 3)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(
         contexts=args.contexts or ([32, 128] if quick else [128, 512, 2048]),
         steps=args.steps or (4 if quick else 8),
-        repeats=args.repeats or (2 if quick else 12),
+        repeats=args.repeats or (2 if quick else 20),
         recompute_steps=args.recompute_steps or (1 if quick else 3),
         model_kwargs=QUICK_MODEL if quick else FULL_MODEL,
         device=torch.device(args.device),
