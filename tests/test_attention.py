@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 
 import kvcache
 import kvcache.attention
+from kvcache import generation
 from kvcache.attention import ATTENTION_NAME, kvcache_attention
 from kvcache.cache import KVCache
 from kvcache.errors import KVCacheError
@@ -75,20 +76,48 @@ def test_rejects_what_it_does_not_implement() -> None:
         kvcache_attention(FakeAttention(3, 8), q, k[:, :1].expand(-1, 4, -1, -1), v, additive)
 
 
+class RecordingCache(KVCache):
+    """Notes, per update, whether the model handed the cache its attention keyword arguments."""
+
+    def update(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.handed.append(isinstance(kwargs.get("kwargs"), dict))
+        return super().update(*args, **kwargs)
+
+
+@pytest.mark.parametrize("route", ["forward", "cache"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_observer_gets_the_weights_the_model_used(arch: str) -> None:
-    """The extension point for policies: one call per layer, same weights as eager's attentions."""
+def test_observer_gets_the_weights_the_model_used(arch: str, route: str) -> None:
+    """The extension point for policies: one call per layer, same weights as eager's attentions.
+
+    "forward": the arguments kvcache.generate builds (the cache's observer as a forward argument), which reach
+    the attention function on every transformers release. "cache": ``cache.observer`` alone, which reaches
+    it exactly when the model hands its attention kwargs to ``Cache.update`` (transformers >= 5.24).
+    """
     model = random_model(arch, attn_implementation="eager")
     ids = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(1))
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    cache = KVCache.from_spec("dynamic", model.config)
+    cache = RecordingCache.from_spec("dynamic", model.config)
+    cache.handed = []
     cache.observer = lambda layer, logits, weights: seen.append((layer, logits, weights))
+    positions = torch.arange(7).expand(2, -1)
+
+    def extra(lo: int, hi: int) -> dict:
+        if route == "cache":
+            return {"past_key_values": cache, "use_cache": True}
+        kwargs = generation._ForwardKwargs(model)(cache, positions[:, lo:hi], lo, hi)
+        kwargs.pop("logits_to_keep", None)  # all positions' logits, to compare with the reference
+        return kwargs
+
     with torch.no_grad():
         ref = model(ids, output_attentions=True, use_cache=False)
         with kvcache.enable(model):
-            out = model(ids, past_key_values=cache, use_cache=True)
-            out2 = model(ids[:, :1], past_key_values=cache, use_cache=True)
-    assert [layer for layer, _, _ in seen] == [0, 1, 0, 1]
+            out = model(ids, **extra(0, 6))
+            out2 = model(ids[:, :1], **extra(6, 7))
+    assert len(cache.handed) == 4 and len(set(cache.handed)) == 1
+    if route == "cache" and not cache.handed[0]:
+        assert seen == []  # documented: pass the observer to forward on these releases
+        return
+    assert [layer for layer, _, _ in seen] == [0, 1, 0, 1]  # once per layer, also when both routes carry it
     for (layer, logits, weights), ref_w in zip(seen[:2], ref.attentions, strict=True):
         assert weights.shape == logits.shape == (2, 4, 6, 6)
         assert torch.allclose(weights, ref_w, atol=1e-6), layer

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from transformers.utils import logging as hf_logging
 
 import kvcache
+from kvcache import compat
 from kvcache.cache import KVCache, model_cache_shape
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.dense import DynamicLayer, StaticLayer
@@ -262,5 +263,16 @@ def test_crop_follows_transformers_convention(models) -> None:
         got = model(ids[:, 5:], past_key_values=cache, use_cache=True).logits
         ref = model(ids, use_cache=False).logits[:, 5:]
     assert (got - ref).abs().max().item() < 1e-5
-    with pytest.raises(KVCacheError, match="negative"):
+    # crop(n > 0): transformers < 5.15 keeps the first n tokens, later releases refuse; as DynamicCache does.
+    hf_cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=hf_cache, use_cache=True)
+    if compat.CROP_KEEPS_LENGTH:
+        hf_cache.crop(2)
         cache.crop(2)
+        assert cache.get_seq_length() == hf_cache.get_seq_length() == 2 and cache.physical_length() == 2
+    else:
+        with pytest.raises(ValueError, match="negative"):
+            hf_cache.crop(2)
+        with pytest.raises(KVCacheError, match="negative"):
+            cache.crop(2)

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
-from transformers.configuration_utils import get_head_shapes
+from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcache import compat
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.base import CacheLayer
 from kvcache.layers.dense import DynamicLayer, StaticLayer
@@ -87,8 +87,9 @@ class HFCacheLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.update(key_states, value_states)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for the next ``query_length`` tokens.
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the next ``query_length`` tokens (their ``cache_position`` before
+        transformers 5.4).
 
         ``kv_length`` is the slot count attention will see: physical, not logical (all of a preallocated
         buffer). ``kv_offset`` tells the mask builder which position slot 0 stands for: slots hold tokens in
@@ -98,7 +99,8 @@ class HFCacheLayer(CacheLayerMixin):
         """
         store = self.store
         capacity = store.max_capacity
-        kv_length = capacity if capacity is not None else store.physical_length + query_length
+        new = compat.query_length(query_length)
+        kv_length = capacity if capacity is not None else store.physical_length + new
         return kv_length, store.evicted
 
     def get_seq_length(self) -> int:
@@ -117,6 +119,10 @@ class HFCacheLayer(CacheLayerMixin):
         capacity = self.store.max_capacity
         return -1 if capacity is None else capacity
 
+    def get_max_cache_shape(self) -> int:
+        """The name of :meth:`get_max_length` before transformers 5.13 (abstract there)."""
+        return self.get_max_length()
+
     def offload(self) -> None:
         """No-op: placement is a kvcache layer of its own (``offload``), not a Cache-level switch."""
 
@@ -131,12 +137,16 @@ class HFCacheLayer(CacheLayerMixin):
             self.store.reorder(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """transformers' convention: ``crop(-n)`` removes the last ``n`` tokens."""
+        """transformers' convention: ``crop(-n)`` removes the last ``n`` tokens; before transformers 5.15,
+        ``crop(n)`` with ``n > 0`` also keeps the first ``n`` (``compat.CROP_KEEPS_LENGTH``)."""
         if tokens_to_remove > 0:
-            raise KVCacheError(
-                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, e.g. crop(-2)"
-            )
-        if tokens_to_remove < 0:
+            if not compat.CROP_KEEPS_LENGTH:
+                raise KVCacheError(
+                    f"crop({tokens_to_remove}): pass a negative number of tokens to remove, e.g. crop(-2)"
+                )
+            # Cropping is only valid before eviction, where kept and seen lengths coincide.
+            self.store.crop(min(tokens_to_remove, self.store.physical_length))
+        elif tokens_to_remove < 0:
             self.store.crop(max(0, self.store.physical_length + tokens_to_remove))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -262,6 +272,23 @@ class KVCache(Cache):
             attention_kwargs[OBSERVER_KWARG] = self.observer
         return self._adapters[layer_idx].update(key_states, value_states)
 
+    # ----- transformers >= 5.13 API, the same on every supported release -------------------------------
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        """Sequences per batch the layers hold (0 while growable layers are still empty)."""
+        sizes = {layer.batch_size for layer in self._adapters}
+        if len(sizes) > 1:
+            raise KVCacheError(f"the layers hold different batch sizes {sorted(sizes)}; reset the cache")
+        return sizes.pop()
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """Capacity of ``layer_idx`` (the largest over layers when ``None``); ``-1`` when it can grow."""
+        if layer_idx is None:
+            return max(layer.get_max_length() for layer in self._adapters)
+        if layer_idx >= len(self._adapters):
+            return -1
+        return self._adapters[layer_idx].get_max_length()
+
     # ----- kvcache additions -------------------------------------------------------------------------
     @property
     def stores(self) -> list[CacheLayer]:
@@ -289,9 +316,9 @@ class KVCache(Cache):
 def model_cache_shape(config: PretrainedConfig) -> tuple[int, list[int], list[int]]:
     """``(num_layers, kv_heads per layer, head_dim per layer)`` of a model's KV cache.
 
-    Uses transformers' own helpers on the text/decoder config, so config names of every architecture
-    (``n_layer``/``n_head`` of GPT-2, ``num_key_value_heads`` of GQA models, explicit ``head_dim``) resolve
-    the way the model itself resolves them.
+    Read from the text/decoder config the way this transformers release resolves it (``kvcache.compat``), so
+    config names of every architecture (``n_layer``/``n_head`` of GPT-2, ``num_key_value_heads`` of GQA
+    models, explicit ``head_dim``) resolve the way the model itself resolves them.
 
     Raises
     ------
@@ -299,18 +326,16 @@ def model_cache_shape(config: PretrainedConfig) -> tuple[int, list[int], list[in
         If a layer is not an attention layer kvcache can hold.
     """
     text = config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(text)
+    layer_types = compat.layer_types(text)
     unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
     if unsupported:
         raise UnsupportedSpecError(
             f"{type(config).__name__} has layer types {', '.join(unsupported)}, which kvcache cannot cache "
             f"yet; supported: {', '.join(SUPPORTED_LAYER_TYPES)}"
         )
-    heads, dims = get_head_shapes(text)
     n = len(layer_types)
-    heads_list = list(heads) if isinstance(heads, list) else [heads] * n
-    dims_list = list(dims) if isinstance(dims, list) else [dims] * n
-    return n, heads_list, dims_list
+    heads, dims = compat.head_shapes(text, n)
+    return n, heads, dims
 
 
 def _config_dtype(config: PretrainedConfig) -> torch.dtype:

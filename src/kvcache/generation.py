@@ -11,7 +11,6 @@ run alone; the mask always spans past + current tokens.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,8 @@ from typing import Any
 
 import torch
 
-from kvcache.cache import KVCache
+from kvcache import compat
+from kvcache.cache import OBSERVER_KWARG, KVCache
 from kvcache.errors import CacheCapacityError
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
@@ -263,27 +263,28 @@ def generate(
 class _ForwardKwargs:
     """The keyword arguments of one forward call, in the names this model's ``forward`` accepts.
 
-    They differ across transformers 5.x releases (``past_key_values`` became ``cache``; ``cache_position``
-    was dropped) and architectures (BLOOM and MPT take no ``position_ids``), so they are looked up once.
+    They differ across transformers 5.x releases and architectures (see ``kvcache.compat.forward_arguments``),
+    so they are looked up once.
     """
 
     def __init__(self, model: Any) -> None:
-        accepted = inspect.signature(model.forward).parameters
-        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
-        self.positions = "position_ids" in accepted
-        self.cache_position = "cache_position" in accepted
+        self.names = compat.forward_arguments(model)
         # Only the last position's logits are needed: skips the vocabulary projection of the prompt.
         self.fixed: dict[str, Any] = {"use_cache": True}
-        if "logits_to_keep" in accepted:
+        if self.names.logits_to_keep:
             self.fixed["logits_to_keep"] = 1
 
     def __call__(self, cache: KVCache, position_ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
         """Arguments for the tokens ``start:end`` (logical indices) at ``(B, end - start)`` positions."""
-        kwargs = {self.cache_name: cache, **self.fixed}
-        if self.positions:
+        kwargs = {self.names.cache: cache, **self.fixed}
+        if self.names.position_ids:
             kwargs["position_ids"] = position_ids
-        if self.cache_position:
+        if self.names.cache_position:
             kwargs["cache_position"] = torch.arange(start, end, device=position_ids.device)
+        if cache.observer is not None and self.names.extra:
+            # The forward arguments reach the attention function on every transformers release and for every
+            # architecture; the route through Cache.update exists only where models hand it their kwargs.
+            kwargs[OBSERVER_KWARG] = cache.observer
         return kwargs
 
 
