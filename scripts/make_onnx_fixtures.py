@@ -1,14 +1,17 @@
 """Export the pre-built dynamo graphs of the ONNX injection test matrix into ``tests/fixtures/onnx/``.
 
 The dynamo exporter takes 15-40 s per tiny model, too slow to run the whole matrix live on every test run.
-This script exports every variant of ``tests/onnx_fixtures.DYNAMO_FIXTURES`` once, with the same tiny random
-models (``TINY``) and exporter settings the tests use, and writes per variant::
+This script exports every variant of ``tests/onnx_fixtures.DYNAMO_FIXTURES`` once, with the tiny random models
+of ``fixture_model`` (the tests' ``TINY`` settings with a 64-entry position table, to keep the files small)
+and the exporter settings the tests use, and writes per variant::
 
     tests/fixtures/onnx/<arch>-<attn>-dynamo/model.onnx    # no-cache graph, weights embedded
     tests/fixtures/onnx/<arch>-<attn>-dynamo/config.json   # what the injector reads
     tests/fixtures/onnx/MANIFEST.json                      # versions, exporter, opset, sha256 per file
 
-Each export is checked against the PyTorch model's logits before it is kept. Variant directories and the
+The exporter's per-node debug metadata (``metadata_props``: stack traces with local paths, FX node dumps;
+about 60% of the file) is dropped, which leaves the computation unchanged; the injector reads only the
+graph itself. Each kept graph is checked against the PyTorch model's logits. Variant directories and the
 manifest are replaced atomically (staged beside the target, then ``os.replace``), so an interrupted run
 leaves the previous fixtures intact.
 
@@ -42,7 +45,6 @@ import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from kvcache.models.random import random_model  # noqa: E402
 from kvcache.onnx.export import export_model  # noqa: E402
 
 EXPORTER = "dynamo"
@@ -55,6 +57,16 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__,
             "python": sys.version.split()[0]}
+
+
+def _strip_debug_metadata(graph: onnx.GraphProto) -> None:
+    """Drop node ``metadata_props``/``doc_string`` (exporter debug info) in ``graph`` and its subgraphs."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _strip_debug_metadata(sub)
 
 
 def _check_against_torch(model: torch.nn.Module, graph: Path, arch: str) -> float:
@@ -75,19 +87,24 @@ def _check_against_torch(model: torch.nn.Module, graph: Path, arch: str) -> floa
 def export_variant(root: Path, arch: str, attn: str) -> dict[str, Any]:
     """Export one variant into ``root/<name>/`` atomically; returns its manifest entry."""
     name = fx.fixture_name(arch, attn, EXPORTER)
-    model = random_model(arch, attn_implementation=attn, **fx.TINY)
+    model = fx.fixture_model(arch, attn)
     stage = Path(tempfile.mkdtemp(prefix=f".stage-{name}-", dir=root))
     try:
         export_dir = stage / "export"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_model(model, export_dir, exporter=EXPORTER, opset=OPSET)
-        err = _check_against_torch(model, export_dir / "model.onnx", arch)
         keep = stage / "keep"
         keep.mkdir()
-        for fname in fx.FIXTURE_FILES:
-            shutil.copyfile(export_dir / fname, keep / fname)
-        entry = {"arch": arch, "attn": attn, "exporter": EXPORTER, "opset": OPSET, "model": fx.TINY,
+        proto = onnx.load(str(export_dir / "model.onnx"))
+        _strip_debug_metadata(proto.graph)
+        onnx.checker.check_model(proto)
+        onnx.save_model(proto, str(keep / "model.onnx"))
+        shutil.copyfile(export_dir / "config.json", keep / "config.json")
+        assert sorted(fx.FIXTURE_FILES) == ["config.json", "model.onnx"]
+        err = _check_against_torch(model, keep / "model.onnx", arch)
+        entry = {"arch": arch, "attn": attn, "exporter": EXPORTER, "opset": OPSET, "model": fx.FIXTURE_MODEL,
+                 "stripped": "node metadata_props (exporter debug info)",
                  "relative_error_vs_torch": float(f"{err:.3g}"), **_versions(),
                  "files": {f: fx.sha256(keep / f) for f in fx.FIXTURE_FILES}}
         target = root / name
@@ -127,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(matrix)}")
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".stage-*"):  # from a killed run
+        shutil.rmtree(leftover)
     existing = fx.read_manifest(root)["variants"] if (root / fx.MANIFEST).is_file() else {}
     # keep only entries still in the matrix; variants dropped from the matrix are deleted below
     variants = {k: v for k, v in existing.items() if k in matrix}

@@ -46,10 +46,18 @@ DYNAMO_LIVE = [("llama", "eager"), ("bloom", "eager")]
 #: the rest of the dynamo matrix: read from ``FIXTURE_ROOT/<fixture_name(arch, attn)>/``
 DYNAMO_FIXTURES = [v for v in MATRIX if v not in DYNAMO_LIVE]
 FIXTURE_ROOT = Path(__file__).resolve().parent / "fixtures" / "onnx"
+#: model settings of the fixture variants: TINY with a short position table, because exported position
+#: embeddings and causal-mask buffers scale with it (GPT-Neo's 2048x2048 masks alone are 8 MB)
+FIXTURE_MODEL = {**TINY, "max_positions": 64}
 MANIFEST = "MANIFEST.json"
 #: the files kept per fixture variant: the no-cache graph (weights embedded) and what the injector reads
 FIXTURE_FILES = ("model.onnx", "config.json")
 REGENERATE = "python scripts/make_onnx_fixtures.py"
+
+
+def fixture_model(arch: str, attn: str) -> Any:
+    """The PyTorch model a fixture variant was exported from (``random_model`` with :data:`FIXTURE_MODEL`)."""
+    return random_model(arch, attn_implementation=attn, **FIXTURE_MODEL)
 
 
 def fixture_name(arch: str, attn: str, exporter: str = "dynamo") -> str:

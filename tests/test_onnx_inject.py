@@ -1,8 +1,17 @@
 """KV-cache injection: step-by-step logits of injected graphs equal the no-cache graph's, bad input fails.
 
-The legacy-exporter matrix (all 13 architectures, eager and SDPA where available) and a dynamo subset run
-by default (about 2-3 minutes on 2 cores). The dynamo exporter takes 20-40 s per tiny model, so the rest of
-its matrix runs with ``KVCACHE_ONNX_FULL=1`` (about 6 more minutes); it is reported as skipped otherwise.
+The whole matrix runs by default, without skips: the legacy exporter for all 13 architectures (eager, and
+SDPA where available) exported live; for the dynamo exporter (15-40 s per tiny model) the ``DYNAMO_LIVE``
+variants (llama, bloom, and llama at opset 23) are exported live, so compatibility with the installed torch
+exporter is still exercised, and the other 19 variants are injected from pre-exported graphs in
+``tests/fixtures/onnx/``, whose sha256 sums are checked against ``MANIFEST.json``.
+
+Regenerate the fixtures after changing the tiny model settings, the matrix or the exporter code with::
+
+    python scripts/make_onnx_fixtures.py            # ~6-10 min of CPU; then commit tests/fixtures/onnx/
+
+``KVCACHE_ONNX_FULL=1`` additionally re-exports every fixture variant live with the installed exporter and
+checks that export as well (about 6 more minutes); it never skips anything.
 """
 
 from __future__ import annotations
@@ -15,51 +24,124 @@ import numpy as np
 import onnx
 import onnx_fixtures
 import pytest
-from onnx_fixtures import SDPA_ARCHS, make_batch, reference_logits, relative_error, session, stepwise_logits
+import torch
+from onnx_fixtures import (
+    DYNAMO_FIXTURES,
+    DYNAMO_LIVE,
+    FIXTURE_ROOT,
+    MATRIX,
+    REGENERATE,
+    fixture_name,
+    make_batch,
+    reference_logits,
+    relative_error,
+    session,
+    stepwise_logits,
+)
 
 from kvcache.errors import KVCacheError
-from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES
+from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES, random_model
 from kvcache.onnx import names
 from kvcache.onnx.inject import KVCacheInjector, inject_file
 
 onnx_exports = onnx_fixtures.onnx_exports  # the session fixture, under its name in this module
-FULL = os.environ.get("KVCACHE_ONNX_FULL") == "1"
-LEGACY = [(a, "eager") for a in ARCHITECTURES] + [(a, "sdpa") for a in SDPA_ARCHS]
-# default dynamo subset: RoPE + GQA (llama), ALiBi + sizes read from the mask (bloom); opset 23 below
-DYNAMO_DEFAULT = [("llama", "eager"), ("bloom", "eager")]
-DYNAMO_REST = [v for v in LEGACY if v not in DYNAMO_DEFAULT]
+ALSO_LIVE = os.environ.get("KVCACHE_ONNX_FULL") == "1"
 
 
-def _check_equivalence(exports, arch: str, attn: str, exporter: str, opset: int | None = None) -> None:
-    ref = session(exports.get(arch, attn, exporter, opset) / "model.onnx")
-    path = exports.injected(arch, attn, exporter, opset)
-    onnx.checker.check_model(str(path))
-    inj = session(path)
+def _check_graphs(original: Path, injected: Path, arch: str, label: str) -> None:
+    """Injected graph: passes onnx.checker, step logits equal ``original``'s full-sequence logits for batch
+    1 and 2 (left padding), cache outputs keep the model's KV heads."""
+    onnx.checker.check_model(str(injected))
+    ref, inj = session(original), session(injected)
     kv_heads = 2 if arch in GQA_ARCHITECTURES else 4
     for batch in (1, 2):
         ids, mask, pos = make_batch(batch, 9, seed=batch)
         want = reference_logits(ref, ids, mask, pos)
         got, last = stepwise_logits(inj, ids, mask, pos, prefill=5)
         err = relative_error(got, want, mask)
-        assert err < 1e-4, f"{arch}/{attn}/{exporter} batch {batch}: relative error {err:.2e}"
+        assert err < 1e-4, f"{label} batch {batch}: relative error {err:.2e}"
         assert last[names.present_key(1)].shape == (batch, kv_heads, 9, 8)
         assert last[names.present_value(0)].shape == (batch, kv_heads, 9, 8)
 
 
-@pytest.mark.parametrize(("arch", "attn"), LEGACY, ids=[f"{a}-{m}" for a, m in LEGACY])
+def _check_equivalence(exports, arch: str, attn: str, exporter: str, opset: int | None = None) -> None:
+    _check_graphs(exports.get(arch, attn, exporter, opset) / "model.onnx",
+                  exports.injected(arch, attn, exporter, opset), arch, f"{arch}/{attn}/{exporter}")
+
+
+@pytest.mark.parametrize(("arch", "attn"), MATRIX, ids=[f"{a}-{m}" for a, m in MATRIX])
 def test_legacy_injection_matches_full_sequence(onnx_exports, arch: str, attn: str) -> None:
     _check_equivalence(onnx_exports, arch, attn, "legacy")
 
 
-@pytest.mark.parametrize(("arch", "attn"), DYNAMO_DEFAULT, ids=[f"{a}-{m}" for a, m in DYNAMO_DEFAULT])
+@pytest.mark.parametrize(("arch", "attn"), DYNAMO_LIVE, ids=[f"{a}-{m}" for a, m in DYNAMO_LIVE])
 def test_dynamo_injection_matches_full_sequence(onnx_exports, arch: str, attn: str) -> None:
     _check_equivalence(onnx_exports, arch, attn, "dynamo")
 
 
-@pytest.mark.skipif(not FULL, reason="rest of the dynamo matrix (~6 min): set KVCACHE_ONNX_FULL=1")
-@pytest.mark.parametrize(("arch", "attn"), DYNAMO_REST, ids=[f"{a}-{m}" for a, m in DYNAMO_REST])
-def test_dynamo_injection_full_matrix(onnx_exports, arch: str, attn: str) -> None:
-    _check_equivalence(onnx_exports, arch, attn, "dynamo")
+def test_dynamo_fixtures_match_manifest() -> None:
+    """Every fixture variant is there, byte for byte as exported: a stale or corrupted file fails here."""
+    problems = onnx_fixtures.manifest_problems()
+    assert not problems, f"ONNX fixtures out of date ({'; '.join(problems)}); regenerate: {REGENERATE}"
+    manifest = onnx_fixtures.read_manifest()
+    for entry in manifest["variants"].values():
+        assert entry["exporter"] == "dynamo" and entry["model"] == onnx_fixtures.FIXTURE_MODEL, \
+            f"fixture made with other settings than the tests use; regenerate: {REGENERATE}"
+    total = sum(p.stat().st_size for p in FIXTURE_ROOT.rglob("*") if p.is_file())
+    assert total < 8e6, f"tests/fixtures/onnx/ holds {total / 1e6:.1f} MB; keep the fixture models tiny"
+
+
+def test_stale_or_corrupted_fixtures_are_reported(tmp_path: Path) -> None:
+    """The manifest check (and ``make_onnx_fixtures.py --check``) names each changed, missing, extra file."""
+    import importlib.util
+
+    root = tmp_path / "onnx"
+    shutil.copytree(FIXTURE_ROOT, root)
+    first, second = (fixture_name(a, m) for a, m in DYNAMO_FIXTURES[:2])
+    with open(root / first / "model.onnx", "r+b") as f:  # one flipped byte
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (root / second / "config.json").unlink()
+    (root / second / "model_kvcache.onnx").write_bytes(b"left behind")
+    problems = onnx_fixtures.manifest_problems(root)
+    assert problems == [f"{first}/model.onnx does not match its sha256 in the manifest",
+                        f"{second}/config.json is missing",
+                        f"{second}/model_kvcache.onnx is not in the manifest"]
+    spec = importlib.util.spec_from_file_location(
+        "make_onnx_fixtures", Path(__file__).resolve().parent.parent / "scripts" / "make_onnx_fixtures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--check", "--out", str(root)]) == 1
+    assert script.main(["--check"]) == 0  # the committed fixtures
+    shutil.rmtree(root / first)
+    assert f"{first}/model.onnx is missing" in onnx_fixtures.manifest_problems(root)
+
+
+@pytest.mark.parametrize(("arch", "attn"), DYNAMO_FIXTURES, ids=[f"{a}-{m}" for a, m in DYNAMO_FIXTURES])
+def test_dynamo_fixture_injection_matches_full_sequence(onnx_exports, tmp_path: Path, arch: str,
+                                                        attn: str) -> None:
+    """Pre-exported dynamo graphs (see the module docstring) are injected like live exports."""
+    name = fixture_name(arch, attn)
+    original = FIXTURE_ROOT / name / "model.onnx"
+    assert original.is_file(), f"missing fixture {original}; regenerate: {REGENERATE}"
+    model = onnx.load(str(original))
+    assert model.opset_import[0].version >= 18  # a dynamo export, not a legacy one under another name
+    # the fixture still is the model the tests describe (weights, config): otherwise it is stale
+    ids, mask, pos = make_batch(2, 7)
+    kwargs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if names.POSITION_IDS in {i.name for i in model.graph.input}:
+        kwargs["position_ids"] = torch.from_numpy(pos)
+    with torch.no_grad():
+        want = onnx_fixtures.fixture_model(arch, attn)(**kwargs).logits.numpy()
+    err = relative_error(reference_logits(session(original), ids, mask, pos), want, mask)
+    assert err < 1e-4, f"{name} no longer matches fixture_model({arch!r}); regenerate: {REGENERATE}"
+    injected = inject_file(original, tmp_path / "model_kvcache.onnx")
+    assert sorted(p.name for p in original.parent.iterdir()) == ["config.json", "model.onnx"]  # untouched
+    _check_graphs(original, injected, arch, f"{name} (fixture)")
+    if ALSO_LIVE:
+        _check_equivalence(onnx_exports, arch, attn, "dynamo")
 
 
 def test_opset23_fused_attention_op(onnx_exports) -> None:
@@ -88,9 +170,6 @@ SLIDING = {
 @pytest.mark.parametrize("arch", sorted(SLIDING))
 def test_sliding_window_layers(tmp_path: Path, arch: str) -> None:
     """Windows shorter than the sequence: the injected mask applies them per layer as the original does."""
-    import torch
-
-    from kvcache.models.random import random_model
     from kvcache.onnx.export import export_model
 
     model = random_model(arch, **onnx_fixtures.TINY, **SLIDING[arch])
@@ -239,10 +318,6 @@ def test_missing_pattern_names_architecture_and_layer(onnx_exports) -> None:
 
 
 def test_attention_stats_equal_torch_attention(onnx_exports) -> None:
-    import torch
-
-    from kvcache.models.random import random_model
-
     path = onnx_exports.injected("llama", "eager", "legacy", attention_stats=True)
     sess = session(path)
     ids, mask, pos = make_batch(2, 8, seed=3)
