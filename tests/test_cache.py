@@ -14,7 +14,7 @@ from kvcache import compat
 from kvcache.cache import KVCache, model_cache_shape
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.dense import DynamicLayer, StaticLayer
-from kvcache.models.random import random_config, random_model
+from kvcache.models.random import ARCHITECTURES, random_config, random_model
 
 hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*deprecated.*")
@@ -221,6 +221,19 @@ def test_from_spec_shapes_and_layouts() -> None:
     explicit = KVCache.from_spec("static:capacity=8", gqa, max_cache_len=40)
     assert explicit.stores[0].capacity == 8  # the spec's capacity wins
     assert str(static.spec) == "static"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_model_cache_shape_is_what_the_model_stores(arch: str) -> None:
+    """Layer count, KV heads and head dim as the model's own cache receives them, on every release (kvcache
+    reads them through transformers' helpers where they exist, else from the config as older models do)."""
+    model = random_model(arch, num_layers=3, num_heads=4, hidden=64)
+    hf_cache = DynamicCache()
+    with torch.no_grad():
+        model(prompt(3), past_key_values=hf_cache, use_cache=True)
+    stored = [layer.keys.shape for layer in hf_cache.layers]
+    n, heads, dims = model_cache_shape(model.config)
+    assert (n, heads, dims) == (len(stored), [s[1] for s in stored], [s[3] for s in stored])
 
 
 def test_from_spec_errors() -> None:

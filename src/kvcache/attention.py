@@ -194,7 +194,8 @@ def enable(model: PreTrainedModel) -> AttentionHandle:
     ------
     KVCacheError
         If the model is not a transformers model, or its architecture does not dispatch attention through
-        ``AttentionInterface`` (GPT-Neo, BLOOM, MPT); nothing is changed then.
+        ``AttentionInterface`` (GPT-Neo, BLOOM, MPT; GPT-J and CodeGen before transformers 5.24); nothing is
+        changed then.
     """
     if not isinstance(model, PreTrainedModel):
         raise KVCacheError(

@@ -184,10 +184,11 @@ class KVCache(Cache):
         ``None``, or a callable ``observer(layer_idx, logits, weights)`` that receives every layer's masked
         attention logits and softmax weights ``(B, H, T_q, T_phys)`` from the kvcache attention function
         (``kvcache.enable(model)``), in the same pass that computes attention. Retention policies that score
-        tokens by attention plug in here. It reaches the attention function through the keyword arguments
-        the model hands to ``update`` (see :meth:`update`): Llama, Mistral, Qwen2, Phi-3, Gemma, GPT-2,
-        GPT-J, CodeGen and OPT pass them; GPT-NeoX does not, so it needs the observer passed to its forward
-        call as ``kvcache_observer=`` instead.
+        tokens by attention plug in here. It reaches the attention function as a forward argument,
+        ``model(..., kvcache_observer=cache.observer)``, which is what :func:`kvcache.generate` passes and
+        works on every supported transformers release. From transformers 5.24 most models (Llama, Mistral,
+        Qwen2, Phi-3, Gemma, GPT-2, GPT-J, CodeGen, OPT; not GPT-NeoX) also hand their attention keyword
+        arguments to ``update``, and the cache forwards it that way too (see :meth:`update`).
     """
 
     def __init__(self, stores: Sequence[CacheLayer], spec: str | CacheSpec = "dynamic") -> None:

@@ -1,4 +1,4 @@
-"""What differs between the transformers releases kvcache supports (``>=5.2,<6``), in one place.
+"""What differs between the transformers releases kvcache supports (``>=5.3,<6``), in one place.
 
 Every difference is detected by feature (``hasattr``, ``inspect.signature``), not by version number, so a
 backport or a release not seen yet takes the path its API actually has. The differences, with the first
@@ -17,6 +17,7 @@ release that has the newer form (checked on 5.2 to 5.24):
 - Models hand their attention keyword arguments to ``Cache.update(..., kwargs=...)`` (5.24, most
   architectures); before, only the model's ``forward`` keyword arguments reach the attention function, so
   per-call data for it (the attention observer) travels as a forward argument (``ForwardArguments.extra``).
+  That route needs 5.3: in 5.2, ``GPT2LMHeadModel.forward`` drops its keyword arguments, hence the pin.
 """
 
 from __future__ import annotations
