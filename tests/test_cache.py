@@ -276,11 +276,11 @@ def test_crop_follows_transformers_convention(models) -> None:
         got = model(ids[:, 5:], past_key_values=cache, use_cache=True).logits
         ref = model(ids, use_cache=False).logits[:, 5:]
     assert (got - ref).abs().max().item() < 1e-5
-    # crop(n > 0): transformers < 5.15 keeps the first n tokens, later releases refuse; as DynamicCache does.
+    # crop(n > 0): transformers < 5.20 keeps the first n tokens, later releases refuse; as DynamicCache does.
     hf_cache = DynamicCache()
     with torch.no_grad():
         model(ids, past_key_values=hf_cache, use_cache=True)
-    if compat.CROP_KEEPS_LENGTH:
+    if compat.crop_keeps_length():
         hf_cache.crop(2)
         cache.crop(2)
         assert cache.get_seq_length() == hf_cache.get_seq_length() == 2 and cache.physical_length() == 2

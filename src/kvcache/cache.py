@@ -120,7 +120,7 @@ class HFCacheLayer(CacheLayerMixin):
         return -1 if capacity is None else capacity
 
     def get_max_cache_shape(self) -> int:
-        """The name of :meth:`get_max_length` before transformers 5.13 (abstract there)."""
+        """The older name of :meth:`get_max_length` (transformers up to 5.19; abstract before 5.13)."""
         return self.get_max_length()
 
     def offload(self) -> None:
@@ -137,10 +137,10 @@ class HFCacheLayer(CacheLayerMixin):
             self.store.reorder(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """transformers' convention: ``crop(-n)`` removes the last ``n`` tokens; before transformers 5.15,
-        ``crop(n)`` with ``n > 0`` also keeps the first ``n`` (``compat.CROP_KEEPS_LENGTH``)."""
+        """transformers' convention: ``crop(-n)`` removes the last ``n`` tokens; before transformers 5.20,
+        ``crop(n)`` with ``n > 0`` keeps the first ``n`` (``compat.crop_keeps_length``)."""
         if tokens_to_remove > 0:
-            if not compat.CROP_KEEPS_LENGTH:
+            if not compat.crop_keeps_length():
                 raise KVCacheError(
                     f"crop({tokens_to_remove}): pass a negative number of tokens to remove, e.g. crop(-2)"
                 )

@@ -8,8 +8,8 @@ release that has the newer form (checked on 5.2 to 5.24):
   which also resolve per-layer (heterogeneous) configs; before them configs are homogeneous and the
   attributes the models themselves read give the answer (:func:`layer_types`, :func:`head_shapes`).
 - ``get_mask_sizes(query_length)`` (5.4) versus ``get_mask_sizes(cache_position)`` (:func:`query_length`).
-- ``crop(tokens_to_remove)``, negative only (5.15), versus ``crop(max_length)`` that keeps ``max_length``
-  tokens when positive (:data:`CROP_KEEPS_LENGTH`).
+- ``crop(n)``: negative only (5.20), versus keeping the first ``n`` tokens when positive
+  (:func:`crop_keeps_length`).
 - The per-layer maximum length: ``get_max_length`` (5.13) versus ``get_max_cache_shape`` (abstract, up to
   5.19); a cache layer defines both.
 - Model ``forward``: ``cache=`` (5.24) versus ``past_key_values=``; ``cache_position`` dropped (5.4)
@@ -22,20 +22,39 @@ release that has the newer form (checked on 5.2 to 5.24):
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, cache_utils, configuration_utils
 
-__all__ = ["CROP_KEEPS_LENGTH", "ForwardArguments", "forward_arguments", "head_shapes", "layer_types",
+__all__ = ["ForwardArguments", "crop_keeps_length", "forward_arguments", "head_shapes", "layer_types",
            "query_length"]
 
-#: ``True`` where transformers' ``crop(n)`` with ``n > 0`` means "keep the first ``n`` tokens" (before 5.15);
-#: ``False`` where only ``crop(-n)``, "remove the last ``n``", is valid (the parameter became
-#: ``tokens_to_remove``).
-CROP_KEEPS_LENGTH: bool = "max_length" in inspect.signature(cache_utils.DynamicLayer.crop).parameters
+@functools.cache
+def crop_keeps_length() -> bool:
+    """Whether transformers' ``crop(n)`` with ``n > 0`` keeps the first ``n`` tokens (up to 5.19, deprecated
+    from 5.15) rather than refusing (only ``crop(-n)``, "remove the last ``n``", is valid then).
+
+    Asked of transformers' own ``DynamicLayer`` on a 2-token cache: the parameter was renamed
+    (``tokens_to_remove``) five releases before the behaviour changed, so the signature does not tell.
+    """
+    layer = cache_utils.DynamicLayer()
+    kv = torch.zeros(1, 1, 2, 1)
+    layer.update(kv, kv)
+    logger = logging.getLogger(cache_utils.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the deprecation warning of 5.15-5.19 is about this probe, not the user
+    try:
+        layer.crop(1)
+    except ValueError:
+        return False
+    finally:
+        logger.setLevel(level)
+    return layer.get_seq_length() == 1
 
 
 def layer_types(config: PretrainedConfig) -> list[str]:
