@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -87,7 +88,7 @@ class Preset:
     filler_weight: float = 0.0     # loss weight of the prose filler inside task rows (see Batches.row)
     valid_every: int = 100         # steps between validation-loss measurements
     valid_tokens: int = 32_768     # validation tokens per measurement
-    keep_best: bool = True         # keep the lowest-validation-loss weights of the second half (else the last)
+    keep_best: bool = True         # keep the lowest-validation-loss weights of the 2nd half (else the last)
     checkpoint_every: int = 0      # also save the current weights to --out every N steps (0: only at the end)
     corpus_files: int | None = None  # read only this many stdlib files (smoke preset: speed)
     task_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)  # passkey, multi-needle, key-value
@@ -99,10 +100,11 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # the shipped weights: a 2-core CPU (shared), ~60 min of training. Small model (3.7M parameters: at
-    # ~1.2-4k tokens/s here, measured, depending on the load) so that ~4M tokens (4096 per step) fit; retrieval-heavy data with loss on every token
-    # (the only GPU trial that learnt passkey retrieval had loss everywhere); a length curriculum
-    # 256 -> 512 -> 1024 so copying heads form on cheap short rows first, then stretch to 1024.
+    # the recipe for this project's shared 2-core CPU: ~48 min of training. Small model (3.7M parameters;
+    # ~0.6-1.1k tokens/s measured here, depending on the load) so that ~3M tokens (4096 per step) fit;
+    # retrieval-heavy rows with loss on every token, copy drills, and a length curriculum
+    # 256 -> 512 -> 1024 whose phases follow the training progress. Too short for copying heads to form
+    # (see the card): it does not reach the passkey bar.
     "cpu": Preset(steps=700, batch=4, seq_len=1024, long_every=0, lr=2e-3, warmup=30, budget_s=48 * 60.0,
                   log_every=10, layers=4, hidden=256, heads=8, kv_heads=2, ffn=640, vocab=4096,
                   prose_fraction=0.1, copy_fraction=0.25, filler_weight=1.0, valid_every=100,
@@ -353,6 +355,16 @@ def save_model(model, tok, out: Path, p: Preset) -> None:
     tmp.rmdir()
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, so the card can say how to reproduce the run (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -452,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         save_model(model, tok, args.out, p)
         train_log = {
             "preset": args.preset, "recipe": asdict(p), "seed": args.seed, "final": final,
+            "commit": git_commit(),
             "steps": steps_done, "planned_steps": p.steps, "stopped_by": stop_reason,
             "tokens_seen": tokens, "prose_tokens_seen": int(prose_tokens.item()),
             "prose_epochs": round(prose_tokens.item() / max(1, len(prose_ids)), 2),
