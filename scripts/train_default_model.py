@@ -110,8 +110,10 @@ PRESETS: dict[str, Preset] = {
                   prose_fraction=0.1, copy_fraction=0.25, filler_weight=1.0, valid_every=100,
                   valid_tokens=8192, keep_best=False, checkpoint_every=50, task_mix=(0.6, 0.2, 0.2),
                   curriculum=((0.35, 256, 16), (0.65, 512, 8), (1.0, 1024, 4))),
-    # a larger recipe for one H100/H200 (~4 min, bf16 autocast). NOT the shipped weights: its only GPU trials
-    # were earlier variants of it (see the card's history); kept as the recipe to scale up with.
+    # a larger recipe for one H100/H200 (~3-4 min, bf16 autocast). This exact version has not run: its GPU
+    # trials were earlier variants (loss everywhere: retrieval learnt, prose memorised; commit c430864, loss
+    # on answers only: no retrieval). Next GPU job: this preset with --filler-weight 0 and 0.25 side by side
+    # and `eval_default_model.py A B --into OUT` to keep the better one.
     "gpu": Preset(steps=4000, batch=32, seq_len=1024, long_every=4, lr=2e-3, warmup=150, budget_s=200.0,
                   log_every=100),
     # proves the pipeline runs (tests, CI): a minute or less, tiny model, short sequences
