@@ -107,3 +107,20 @@ def test_cli_export_then_inject(tmp_path: Path) -> None:
     missing = str(tmp_path / "nowhere" / "x")
     res = runner.invoke(app, ["onnx", "export", missing, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
+
+
+def test_export_leaves_the_model_in_the_callers_mode(tmp_path: Path) -> None:
+    # OPT has dropout: a model left in training mode after the export would generate random text
+    model = random_model("opt", **onnx_fixtures.TINY)
+    assert model.config.dropout > 0
+    export_model(model.eval(), tmp_path / "eval")
+    assert not any(m.training for m in model.modules())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)
+    # a caller that trains gets its training mode back (the graph itself is still exported in eval mode)
+    export_model(model.train(), tmp_path / "train")
+    assert all(m.training for m in model.modules())
+    got = reference_logits(session(tmp_path / "train" / "model.onnx"), *make_batch(1, 4))
+    assert np.allclose(got, reference_logits(session(tmp_path / "eval" / "model.onnx"), *make_batch(1, 4)))

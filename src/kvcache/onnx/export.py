@@ -111,7 +111,8 @@ def export_model(
     Parameters
     ----------
     model:
-        A ``*ForCausalLM`` in eval mode (float32 recommended for export).
+        A ``*ForCausalLM`` (float32 recommended for export). It is exported in eval mode; its own
+        training/eval mode is left as the caller had it.
     out_dir:
         Directory to create or update; ``model.onnx``, ``config.json`` (and tokenizer files) land there.
     tokenizer:
@@ -135,9 +136,19 @@ def export_model(
     if exporter == "dynamo" and opset < 18:
         raise KVCacheError(f"the dynamo exporter needs opset >= 18 (got {opset}); "
                            f"use --exporter legacy for opset {opset}")
-    out = Path(out_dir)
+    was_training = model.training
+    try:
+        return _export_eval(model, Path(out_dir), tokenizer, with_cache, opset, exporter)
+    finally:
+        # torch.onnx.export restores the wrapper's mode onto every submodule; give back the caller's
+        model.train(was_training)
+
+
+def _export_eval(model: torch.nn.Module, out: Path, tokenizer: Any, with_cache: bool, opset: int,
+                 exporter: Exporter) -> Path:
+    """Body of :func:`export_model` once the options are checked; the model is switched to eval mode."""
     out.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model.eval()
     config = model.config
     with_pos = uses_position_ids(model)
     batch, seq, past_len = 2, 5, 3
@@ -172,6 +183,9 @@ def export_model(
         module: torch.nn.Module = _WithPast(model, with_pos)
     else:
         module = _LogitsOnly(model, with_pos)
+    # a new Module starts in training mode, and torch.onnx.export re-applies the wrapper's mode to the
+    # model after tracing: without this, dropout (OPT, GPT-2, ...) would be live after the export
+    module.eval()
     call_args = tuple(args)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
