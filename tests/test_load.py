@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -87,3 +88,19 @@ def test_bad_device_fails_before_loading(model_dir):
     else:
         with pytest.raises(KVCacheError, match="no CUDA"):
             load(model_dir, device="cuda")
+
+
+def test_tiny_tokenizer_round_trips_text_beside_a_qwen2_config(tmp_path):
+    # AutoTokenizer maps a qwen2 directory to Qwen2Tokenizer unless the saved class is honoured; that
+    # byte-level pipeline loses the spaces of the character-level vocabulary
+    random_model("qwen2", seed=1).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    text = "Hello, world!  two spaces\tand a tab\n"
+    want = tiny_tokenizer()(text)["input_ids"]
+    _, loaded = load(tmp_path)
+    for tokenizer in (loaded, load_module.load_tokenizer(tmp_path)):
+        ids = tokenizer(text)["input_ids"]
+        assert ids == want
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -165,12 +166,45 @@ def _from_pretrained(source: str, device: torch.device | None, dtype: torch.dtyp
 
 def _auto_load(source: str, dtype: torch.dtype | None, *, local_files_only: bool) -> tuple[Any, Any]:
     # Imported here so that `import kvcache` stays light for the CLI's fast paths.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    tokenizer = load_tokenizer(source, local_files_only=local_files_only)
     extra: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_files_only, **extra)
     return model, tokenizer
+
+
+def load_tokenizer(source: str | os.PathLike[str], *, local_files_only: bool = True) -> Any:
+    """Load the tokenizer of a model directory or hub id.
+
+    ``AutoTokenizer`` replaces a saved ``tokenizer_class`` of ``PreTrainedTokenizerFast`` by the model
+    type's own class for some architectures (qwen2 gets ``Qwen2Tokenizer``, which rebuilds its own
+    byte-level pipeline around the vocabulary). A local directory that names ``PreTrainedTokenizerFast``
+    and has a ``tokenizer.json`` is therefore loaded with that class, exactly as saved.
+
+    Parameters
+    ----------
+    source:
+        Local directory or Hugging Face Hub id.
+    local_files_only:
+        Passed on to ``from_pretrained``.
+
+    Returns
+    -------
+    The tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = Path(source)
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file() and (directory / "tokenizer.json").is_file():
+        try:
+            declared = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            declared = None  # AutoTokenizer below reports a broken config in its own words
+        if declared == "PreTrainedTokenizerFast":
+            return PreTrainedTokenizerFast.from_pretrained(str(source), local_files_only=local_files_only)
+    return AutoTokenizer.from_pretrained(str(source), local_files_only=local_files_only)
 
 
 def _first_line(err: BaseException) -> str:

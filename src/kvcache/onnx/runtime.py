@@ -16,13 +16,14 @@ from typing import Any
 
 import onnxruntime as ort
 import torch
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from kvcache.cache import KVCache, model_cache_shape
 from kvcache.errors import CacheCapacityError, KVCacheError
 
 # the PyTorch loop's bookkeeping, shared so both runtimes stop and report identically
 from kvcache.generation import GenerationResult, GenerationStats, _finish_all, _record
+from kvcache.models.load import load_tokenizer
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
@@ -79,7 +80,7 @@ class OnnxGenerator:
         works on token ids and needs none)."""
         if self._tokenizer is None:
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self._directory)
+                self._tokenizer = load_tokenizer(self._directory)
             except (OSError, ValueError) as exc:
                 raise KVCacheError(f"no usable tokenizer in {self._directory} ({exc}); export with a "
                                    "tokenizer or pass tokenizer= to OnnxGenerator") from exc
