@@ -19,10 +19,18 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from kvcache.cache import KVCache, model_cache_shape
-from kvcache.errors import CacheCapacityError, KVCacheError
 
-# the PyTorch loop's bookkeeping, shared so both runtimes stop and report identically
-from kvcache.generation import GenerationResult, GenerationStats, _finish_all, _record
+# the PyTorch loop's bookkeeping, shared so both runtimes validate, stop and report identically
+from kvcache.decoding import (
+    GenerationResult,
+    Rows,
+    cache_capacity,
+    check_arguments,
+    eos_ids,
+    left_pad,
+    stop_strings,
+)
+from kvcache.errors import KVCacheError
 from kvcache.models.load import load_tokenizer
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
 from kvcache.sampling import Sampler, make_generator
@@ -160,30 +168,18 @@ class OnnxGenerator:
         CacheCapacityError
             When a static layout cannot hold the prompt.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prefill_chunk_size < 1:
-            raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("prompts must be a string or a non-empty list of strings")
+        texts = check_arguments(prompts, max_new_tokens, prefill_chunk_size)
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        checker = StopChecker(self.tokenizer, self._eos_ids(eos_token_id), stops)
-        input_ids, prompt_mask = self._left_pad(texts)
+        checker = StopChecker(self.tokenizer, self._eos_ids(eos_token_id), stop_strings(stop))
+        vocab = self.decoder.signature.vocab_size or getattr(self.config, "vocab_size", None)
+        input_ids, prompt_mask = left_pad(self.tokenizer, texts, vocab, owner="graph")
         batch, prompt_len = input_ids.shape
 
         spec = self.spec
         cache = KVCache.from_spec(spec, self.config, batch_size=batch,
                                   max_cache_len=prompt_len + max_new_tokens, device="cpu",
                                   dtype=self.decoder.signature.dtype)
-        capacities = [c for c in (store.max_capacity for store in cache.stores) if c is not None]
-        capacity = min(capacities) if capacities else None
-        if capacity is not None and prompt_len > capacity:
-            raise CacheCapacityError(
-                f"the prompt needs {prompt_len} cache slots (longest prompt, left padding included) but the "
-                f"cache '{spec}' holds {capacity}; raise static:capacity or shorten the prompt"
-            )
+        capacity = cache_capacity(cache, spec, prompt_len)
         # Slot validity for every slot the run can fill: the prompt's mask, then one column per new token.
         # Slots are filled in order (no retention policy evicts yet), so slot i holds token i.
         slot_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
@@ -197,74 +193,34 @@ class OnnxGenerator:
             return self.step(cache, tokens, slot_mask[:, :start], mask, positions).logits[:, -1, :]
 
         generator = make_generator(seed, torch.device("cpu"))
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        finish: list[str | None] = [None] * batch
+        rows = Rows(batch, checker)
         pad_id = self._pad_id()
         start = time.perf_counter()
         for lo in range(0, prompt_len, prefill_chunk_size):
             last = run(input_ids[:, lo : lo + prefill_chunk_size], lo)
         next_tokens = sampler(last, generator)
-        _record(next_tokens.tolist(), generated, finish, checker)
+        rows.record(next_tokens.tolist())
         peak = cache.nbytes()
         prefill_end = time.perf_counter()
 
-        alive = torch.tensor([f is None for f in finish])
+        alive = rows.alive()
         steps = 0
-        while steps + 1 < max_new_tokens and any(f is None for f in finish):
+        while steps + 1 < max_new_tokens and rows.running():
             if capacity is not None and cache.physical_length() >= capacity:
-                _finish_all(finish, "capacity")
+                rows.finish_all("capacity")
                 break
             # Finished rows keep feeding the pad token so the batch stays rectangular.
             step_input = torch.where(alive, next_tokens, pad_id)[:, None]
             next_tokens = sampler(run(step_input, prompt_len + steps), generator)
             steps += 1
-            done = _record(next_tokens.tolist(), generated, finish, checker)
+            done = rows.record(next_tokens.tolist())
             if done:
                 alive[done] = False
             peak = max(peak, cache.nbytes())
-        _finish_all(finish, "length")
+        rows.finish_all("length")
         end = time.perf_counter()
-
-        reasons = [f or "length" for f in finish]
-        prompt_tokens = int(prompt_mask.sum())
-        new_tokens = sum(len(g) for g in generated)
-        decode_tokens = new_tokens - batch  # each row's first token comes from the prefill
-        prefill_s, decode_s = prefill_end - start, end - prefill_end
-        stats = GenerationStats(
-            batch_size=batch,
-            prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens,
-            prefill_seconds=prefill_s,
-            decode_seconds=decode_s,
-            prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
-            decode_tokens_per_s=decode_tokens / decode_s if decode_s > 0 and decode_tokens > 0 else 0.0,
-            decode_steps=steps,
-            cache_bytes=cache.nbytes(),
-            peak_cache_bytes=peak,
-        )
-        texts = [checker.text(g, r) for g, r in zip(generated, reasons, strict=True)]
-        return GenerationResult(texts=texts, token_ids=generated, finish_reasons=reasons, stats=stats,
-                                cache=str(spec))
-
-    def _left_pad(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize and left-pad: ``(B, T)`` int64 input ids and ``(B, T)`` int64 attention mask."""
-        encoded = [list(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"prompt {i} is empty after tokenization; give at least one token of text")
-        vocab = self.decoder.signature.vocab_size or getattr(self.config, "vocab_size", None)
-        largest = max(max(ids) for ids in encoded)
-        if vocab is not None and largest >= vocab:
-            raise ValueError(f"the tokenizer produced token id {largest} but the graph's vocabulary has "
-                             f"{vocab} entries; use the tokenizer that belongs to this model")
-        width = max(len(ids) for ids in encoded)
-        # Pad ids under a zero mask never influence real tokens; 0 is a valid embedding row for any model.
-        input_ids = torch.zeros(len(encoded), width, dtype=torch.int64)
-        mask = torch.zeros(len(encoded), width, dtype=torch.int64)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.int64)
-            mask[row, width - len(ids):] = 1
-        return input_ids, mask
+        return rows.result(spec=spec, prompt_mask=prompt_mask, times=(start, prefill_end, end),
+                           decode_steps=steps, cache_bytes=cache.nbytes(), peak_cache_bytes=peak)
 
     def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
         """End-of-sequence ids: the argument, else the config's, else the tokenizer's (as on PyTorch)."""
@@ -273,9 +229,7 @@ class OnnxGenerator:
             candidates = getattr(self.config, "eos_token_id", None)
         if candidates is None:
             candidates = getattr(self.tokenizer, "eos_token_id", None)
-        if candidates is None:
-            return []
-        return [int(candidates)] if isinstance(candidates, int) else [int(c) for c in candidates]
+        return eos_ids(candidates)
 
     def _pad_id(self) -> int:
         """The token fed to finished rows: the tokenizer's or config's pad token, else 0."""
