@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import typer
 
+from kvcache.cli_options import (
+    CacheOption,
+    JsonOption,
+    MaxNewTokensOption,
+    SeedOption,
+    StopOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+    exit_with_error,
+    print_result,
+)
 from kvcache.onnx.cli import app as onnx_app
 
 app = typer.Typer(
@@ -36,23 +48,20 @@ def generate_command(
     prompt: str = typer.Argument(..., help="The text to continue."),
     model: str = typer.Option("default", "--model", "-m",
                               help="'default' (bundled), a local model directory or a Hugging Face Hub id."),
-    cache: str = typer.Option("dynamic", "--cache", "-c",
-                              help="Cache spec: dynamic, static, static:capacity=N, ... (`kvcache info`)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most new tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy decoding."),
-    top_k: int | None = typer.Option(None, "--top-k", min=1, help="Sample among the k most likely tokens."),
-    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeat for several)."),
+    cache: CacheOption = "dynamic",
+    max_new_tokens: MaxNewTokensOption = 64,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    seed: SeedOption = None,
+    stop: StopOption = None,
     device: str | None = typer.Option(None, "--device", help="Torch device: cpu (default), cuda, ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: model's)."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress",
                                          help="Progress bar on stderr (default: long runs in a terminal)."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON: text, stats, finish_reason, cache."),
+    json_output: JsonOption = False,
 ) -> None:
     """Generate a continuation of PROMPT: text to stdout, one line of stats to stderr."""
-    import json
-
     from transformers.utils import logging as transformers_logging
 
     from kvcache.errors import KVCacheError
@@ -72,15 +81,8 @@ def generate_command(
                           progress=progress)
     except (KVCacheError, ValueError, OSError) as err:
         # User errors: one line, no traceback, exit code 2 (like a bad command-line option).
-        message = " ".join(str(err).split())
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(code=2) from err
-    if json_output:
-        typer.echo(json.dumps({"text": result.texts[0], "stats": result.stats.to_dict(),
-                               "finish_reason": result.finish_reasons[0], "cache": result.cache}))
-    else:
-        typer.echo(result.texts[0])
-        typer.echo(f"[{result.cache}] finish={result.finish_reasons[0]} | {result.stats.summary()}", err=True)
+        exit_with_error(err)
+    print_result(result, json_output)
 
 
 def main() -> None:

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import typer
 
+from kvcache.cli_options import (
+    CacheOption,
+    JsonOption,
+    MaxNewTokensOption,
+    SeedOption,
+    StopOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+    exit_with_error,
+    print_result,
+)
+
 app = typer.Typer(
     help="Export decoders to ONNX, inject a KV cache into their graphs, check and run them on ONNX Runtime.",
     no_args_is_help=True,
@@ -80,20 +93,17 @@ def check(
 def generate_cmd(
     model_dir: str = typer.Argument(..., help="Directory with the graph, config.json and tokenizer."),
     prompt: str = typer.Argument(..., help="The text to continue."),
-    cache: str = typer.Option("dynamic", "--cache", "-c",
-                              help="Cache spec: dynamic, static, static:capacity=N, ... (`kvcache info`)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most new tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy decoding."),
-    top_k: int | None = typer.Option(None, "--top-k", min=1, help="Sample among the k most likely tokens."),
-    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeat for several)."),
+    cache: CacheOption = "dynamic",
+    max_new_tokens: MaxNewTokensOption = 64,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    seed: SeedOption = None,
+    stop: StopOption = None,
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON: text, stats, finish_reason, cache."),
+    json_output: JsonOption = False,
 ) -> None:
     """Generate with ONNX Runtime (cache on the host in kvcache's layers); output as `kvcache generate`."""
-    import json
-
     from kvcache.errors import KVCacheError
     from kvcache.onnx.runtime import OnnxGenerator
 
@@ -102,11 +112,5 @@ def generate_cmd(
         result = generator.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, seed=seed, stop=stop or None)
     except (KVCacheError, ValueError, OSError) as exc:
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
-        raise typer.Exit(2) from exc
-    if json_output:
-        typer.echo(json.dumps({"text": result.texts[0], "stats": result.stats.to_dict(),
-                               "finish_reason": result.finish_reasons[0], "cache": result.cache}))
-    else:
-        typer.echo(result.texts[0])
-        typer.echo(f"[{result.cache}] finish={result.finish_reasons[0]} | {result.stats.summary()}", err=True)
+        exit_with_error(exc)
+    print_result(result, json_output)

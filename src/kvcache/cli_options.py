@@ -1,0 +1,45 @@
+"""What ``kvcache generate`` and ``kvcache onnx generate`` share: their options, error exit and output.
+
+The options are ``typing.Annotated`` aliases; a command takes one as ``cache: CacheOption = "dynamic"``, so
+both commands keep the same flags, help texts and defaults. Only ``typer`` is imported here: the CLI's
+fast paths (``--help``, ``info``) stay light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from kvcache.decoding import GenerationResult
+
+CacheOption = Annotated[str, typer.Option(
+    "--cache", "-c", help="Cache spec: dynamic, static, static:capacity=N, ... (`kvcache info`).")]
+MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Most new tokens.")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", "-t", min=0.0,
+                                                  help="0 = greedy decoding.")]
+TopKOption = Annotated[int | None, typer.Option("--top-k", min=1,
+                                                help="Sample among the k most likely tokens.")]
+TopPOption = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+StopOption = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeat for several).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON: text, stats, finish_reason, cache.")]
+
+
+def exit_with_error(err: BaseException) -> NoReturn:
+    """Report a user error as one line on stderr and exit with code 2 (like a bad command-line option)."""
+    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+    raise typer.Exit(code=2) from err
+
+
+def print_result(result: GenerationResult, json_output: bool) -> None:
+    """Print the first row of ``result``: its text to stdout and one line of stats to stderr, or JSON."""
+    import json
+
+    if json_output:
+        typer.echo(json.dumps({"text": result.texts[0], "stats": result.stats.to_dict(),
+                               "finish_reason": result.finish_reasons[0], "cache": result.cache}))
+    else:
+        typer.echo(result.texts[0])
+        typer.echo(f"[{result.cache}] finish={result.finish_reasons[0]} | {result.stats.summary()}", err=True)
