@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kvcache.cli_options import (
-    CacheOption,
-    JsonOption,
-    MaxNewTokensOption,
-    SeedOption,
-    StopOption,
-    TemperatureOption,
-    TopKOption,
-    TopPOption,
-    exit_with_error,
-    print_result,
-)
+from kvcache import cli_options as opts
 from kvcache.onnx.cli import app as onnx_app
 
 app = typer.Typer(
@@ -48,18 +37,18 @@ def generate_command(
     prompt: str = typer.Argument(..., help="The text to continue."),
     model: str = typer.Option("default", "--model", "-m",
                               help="'default' (bundled), a local model directory or a Hugging Face Hub id."),
-    cache: CacheOption = "dynamic",
-    max_new_tokens: MaxNewTokensOption = 64,
-    temperature: TemperatureOption = 0.0,
-    top_k: TopKOption = None,
-    top_p: TopPOption = None,
-    seed: SeedOption = None,
-    stop: StopOption = None,
+    cache: opts.CacheOption = "dynamic",
+    max_new_tokens: opts.MaxNewTokensOption = 64,
+    temperature: opts.TemperatureOption = 0.0,
+    top_k: opts.TopKOption = None,
+    top_p: opts.TopPOption = None,
+    seed: opts.SeedOption = None,
+    stop: opts.StopOption = None,
     device: str | None = typer.Option(None, "--device", help="Torch device: cpu (default), cuda, ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: model's)."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress",
                                          help="Progress bar on stderr (default: long runs in a terminal)."),
-    json_output: JsonOption = False,
+    json_output: opts.JsonOption = False,
 ) -> None:
     """Generate a continuation of PROMPT: text to stdout, one line of stats to stderr."""
     from transformers.utils import logging as transformers_logging
@@ -81,8 +70,8 @@ def generate_command(
                           progress=progress)
     except (KVCacheError, ValueError, OSError) as err:
         # User errors: one line, no traceback, exit code 2 (like a bad command-line option).
-        exit_with_error(err)
-    print_result(result, json_output)
+        opts.exit_with_error(err)
+    opts.print_result(result, json_output)
 
 
 def main() -> None:

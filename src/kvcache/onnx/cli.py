@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kvcache.cli_options import (
-    CacheOption,
-    JsonOption,
-    MaxNewTokensOption,
-    SeedOption,
-    StopOption,
-    TemperatureOption,
-    TopKOption,
-    TopPOption,
-    exit_with_error,
-    print_result,
-)
+from kvcache import cli_options as opts
 
 app = typer.Typer(
     help="Export decoders to ONNX, inject a KV cache into their graphs, check and run them on ONNX Runtime.",
@@ -93,15 +82,15 @@ def check(
 def generate_cmd(
     model_dir: str = typer.Argument(..., help="Directory with the graph, config.json and tokenizer."),
     prompt: str = typer.Argument(..., help="The text to continue."),
-    cache: CacheOption = "dynamic",
-    max_new_tokens: MaxNewTokensOption = 64,
-    temperature: TemperatureOption = 0.0,
-    top_k: TopKOption = None,
-    top_p: TopPOption = None,
-    seed: SeedOption = None,
-    stop: StopOption = None,
+    cache: opts.CacheOption = "dynamic",
+    max_new_tokens: opts.MaxNewTokensOption = 64,
+    temperature: opts.TemperatureOption = 0.0,
+    top_k: opts.TopKOption = None,
+    top_p: opts.TopPOption = None,
+    seed: opts.SeedOption = None,
+    stop: opts.StopOption = None,
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
-    json_output: JsonOption = False,
+    json_output: opts.JsonOption = False,
 ) -> None:
     """Generate with ONNX Runtime (cache on the host in kvcache's layers); output as `kvcache generate`."""
     from kvcache.errors import KVCacheError
@@ -112,5 +101,5 @@ def generate_cmd(
         result = generator.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, seed=seed, stop=stop or None)
     except (KVCacheError, ValueError, OSError) as exc:
-        exit_with_error(exc)
-    print_result(result, json_output)
+        opts.exit_with_error(exc)
+    opts.print_result(result, json_output)
