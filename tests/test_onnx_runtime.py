@@ -261,3 +261,18 @@ def test_cli_flow_export_inject_check_generate(tokenizer, tmp_path):
     assert ours_json["text"] == ref_json["text"]
     assert ours_json["finish_reason"] == ref_json["finish_reason"]
     assert ours_json["stats"]["cache_bytes"] == ref_json["stats"]["cache_bytes"]  # same layers, same bytes
+
+
+def test_default_model_onnx_text_equals_pytorch(tmp_path):
+    """Acceptance: the bundled model, exported and injected, generates the text `kvcache generate` does."""
+    from kvcache.models import load
+
+    model, tok = load("default")
+    prompts = ["Question: what is 2 + 3? Answer:", "Once upon a time"]
+    refs = {spec: generate(model, tok, prompts, cache=spec, max_new_tokens=24)
+            for spec in ("dynamic", "static")}
+    export_model(model, tmp_path, tokenizer=tok)
+    inject_file(tmp_path)
+    for spec, ref in refs.items():
+        ours = OnnxGenerator(tmp_path, cache=spec).generate(prompts, max_new_tokens=24)
+        assert ours.texts == ref.texts and ours.finish_reasons == ref.finish_reasons
