@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -29,28 +28,15 @@ import platform
 import random
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from standalone import ROOT, load_module  # scripts/ is on sys.path when a script runs
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, relpath: str):
-    """Import one self-contained module by path: the job must not depend on the rest of the package
-    (``kvcache/__init__`` pulls in code that needs a newer transformers than the GPU image has)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "src" / "kvcache" / relpath)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class body runs
-    spec.loader.exec_module(module)
-    return module
-
-
-_tasks = _load("kvcache_bench_tasks", "bench/tasks.py")
-_corpus = _load("kvcache_models_corpus", "models/corpus.py")
+_tasks = load_module("kvcache_bench_tasks", "bench/tasks.py")
+_corpus = load_module("kvcache_models_corpus", "models/corpus.py")
 
 TRAIN_SEED_BASE, Filler, make_task = _tasks.TRAIN_SEED_BASE, _tasks.Filler, _tasks.make_task
 Document, build_corpus, load_eval_split = _corpus.Document, _corpus.build_corpus, _corpus.load_eval_split
