@@ -267,11 +267,7 @@ def export(
 
     See :func:`export_model` for the parameters.
     """
-    try:
-        from kvcache.models import load
-    except ImportError as exc:  # models/load.py is written by another engineer
-        raise KVCacheError("kvcache.models.load is not available in this build; export a model object "
-                           "with kvcache.onnx.export.export_model instead") from exc
+    from kvcache.models import load  # here, not at import: loading pulls in the bundled-model machinery
     if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
         raise KVCacheError(f"{name_or_path!r} is not a model directory (no config.json); pass a local "
                            "Hugging Face model directory or 'default'")
