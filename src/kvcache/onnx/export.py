@@ -23,6 +23,7 @@ from typing import Any, Literal
 import onnx
 import torch
 
+from kvcache.cache import model_cache_shape
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 
@@ -40,16 +41,6 @@ Exporter = Literal["legacy", "dynamo"]
 def uses_position_ids(model: torch.nn.Module) -> bool:
     """Whether ``model.forward`` accepts ``position_ids`` (all supported architectures but ALiBi ones)."""
     return "position_ids" in inspect.signature(model.forward).parameters
-
-
-def _cache_dims(config: Any) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layers = text.num_hidden_layers
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return layers, kv, head_dim
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -170,12 +161,13 @@ def _export_eval(model: torch.nn.Module, out: Path, tokenizer: Any, with_cache: 
     if with_pos:
         axes[names.POSITION_IDS] = {0: B, 1: S}
     if with_cache:
-        layers, kv, head_dim = _cache_dims(config)
+        layers, kv_heads, head_dims = model_cache_shape(config)
         dtype = next(model.parameters()).dtype
         for i in range(layers):
             for pname, oname in ((names.past_key(i), names.present_key(i)),
                                  (names.past_value(i), names.present_value(i))):
-                args.append(torch.randn(batch, kv, past_len, head_dim, generator=gen).to(dtype))
+                shape = (batch, kv_heads[i], past_len, head_dims[i])
+                args.append(torch.randn(*shape, generator=gen).to(dtype))
                 input_names.append(pname)
                 output_names.append(oname)
                 axes[pname] = {0: B, 2: names.PAST_DIM}
