@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Train the bundled default model end to end: corpus -> tokenizer -> training -> save -> train_log.json.
 
-    PYTHONPATH=src python3 scripts/train_default_model.py --preset gpu --out OUT_DIR
+    PYTHONPATH=src python3 scripts/train_default_model.py --preset cpu --out OUT_DIR    # the shipped model
     PYTHONPATH=src python3 scripts/train_default_model.py --preset smoke --out /tmp/m   # ~1 min, for tests
+    PYTHONPATH=src python3 scripts/train_default_model.py --preset cpu --set lr=0.002 --out OUT  # a variant
     PYTHONPATH=src python3 scripts/train_default_model.py --write-eval-splits            # refresh eval data
 
 Everything is offline and seeded. The prose comes from the Python installation (kvcache.models.corpus); the
@@ -10,7 +11,8 @@ synthetic long-context documents (passkey, key-value and multi-needle retrieval)
 kvcache.bench.tasks with training seeds (evaluation uses a disjoint seed range). Every batch is a pure
 function of (seed, step), so the data does not depend on the number of loader workers.
 
-Presets share the data recipe and the model; they differ in steps, batch and time budget. Training stops at
+Presets are recipes (model size, data mix, schedule, attention priors); ``--set FIELD=VALUE`` overrides any
+field, and train_log.json records the full recipe that ran. Training stops at
 the planned step count or at the time budget, whichever comes first: the learning-rate schedule follows
 progress = max(step / steps, elapsed / budget), so a slower machine still ends on a decayed learning rate
 (train_log.json records which limit ended the run).
