@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_modules import import_script
 
 from kvcache.bench.tasks import EVAL_SEED_BASE, Filler, is_correct, passkey
 from kvcache.models import DEFAULT_MODEL_DIR, load
@@ -114,12 +115,8 @@ def test_smoke_preset_trains_saves_and_evaluates(tmp_path: Path) -> None:
 def test_card_reproduce_command_gives_the_recorded_recipe() -> None:
     """The card's train command, parsed by the training script, is exactly the recipe in train_log.json,
     even where the shipped run used overrides of its preset."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import eval_default_model
-        import train_default_model
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    eval_default_model = import_script("eval_default_model")
+    train_default_model = import_script("train_default_model")
     train = json.loads((DEFAULT_MODEL_DIR / "train_log.json").read_text())
     command = eval_default_model._train_command(train)
     assert command in (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()

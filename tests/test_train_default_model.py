@@ -3,19 +3,13 @@ attention loss (checked against the model's own attention weights) and the recip
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from script_modules import import_script
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-try:
-    import train_default_model as tdm
-finally:
-    sys.path.remove(str(ROOT / "scripts"))
+tdm = import_script("train_default_model")
 
 
 def test_induction_targets_point_after_the_latest_matching_pair() -> None:
