@@ -460,16 +460,21 @@ def valid_loss(model, stream: torch.Tensor, window: int, amp) -> float:
 PROBE_SEED_BASE = 1_500_000_000  # disjoint from training seeds and from the evaluation's first seeds
 
 
-@torch.no_grad()
-def probe(model, tok, filler: Filler, contexts: tuple[int, ...], n: int, device: torch.device) -> dict:
-    """Cheap progress signals, teacher-forced (one forward pass per prompt batch, no generation).
+@dataclass(frozen=True)
+class ProbeSet:
+    """The fixed inputs of :func:`probe`, built once per run.
 
-    ``passkey@C``: share of ``n`` passkey prompts of ``C`` tokens whose every answer token is the argmax.
-    ``copy``: next-token accuracy on the second copy of a random 48-token sequence: what copying (induction)
-    heads, the mechanism behind retrieval, make possible.
+    ``passkey``: per context, right-padded ids (n, width) and each row's answer span ``(start, end)``;
+    ``copy``: (n, 97) ids, BOS then a random 48-token sequence twice.
     """
-    model.eval()
-    out: dict = {}
+
+    passkey: dict[int, tuple[torch.Tensor, list[tuple[int, int]]]]
+    copy: torch.Tensor
+
+
+def probe_set(tok, filler: Filler, contexts: tuple[int, ...], n: int, device: torch.device) -> ProbeSet:
+    """``n`` passkey prompts per context (probe seeds) and ``n`` random copy sequences, as tensors."""
+    passkey = {}
     for ctx in contexts:
         rows, spans = [], []
         for i in range(n):
@@ -480,15 +485,30 @@ def probe(model, tok, filler: Filler, contexts: tuple[int, ...], n: int, device:
             spans.append((len(prompt), len(prompt) + len(answer)))
         width = max(map(len, rows))
         ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows], device=device)  # right padding
+        passkey[ctx] = (ids, spans)
+    g = torch.Generator().manual_seed(PROBE_SEED_BASE)
+    seq = torch.randint(len(SPECIALS), tok.get_vocab_size(), (n, 48), generator=g)
+    return ProbeSet(passkey, torch.cat([torch.full((n, 1), BOS), seq, seq], dim=1).to(device))
+
+
+@torch.no_grad()
+def probe(model, probes: ProbeSet) -> dict:
+    """Cheap progress signals, teacher-forced (one forward pass per prompt batch, no generation).
+
+    ``passkey@C``: share of the passkey prompts of ``C`` tokens whose every answer token is the argmax.
+    ``copy``: next-token accuracy on the second copy of a random 48-token sequence: what copying (induction)
+    heads, the mechanism behind retrieval, make possible.
+    """
+    model.eval()
+    out: dict = {}
+    for ctx, (ids, spans) in probes.passkey.items():
         ok = 0
-        for b in range(0, n, 8):
+        for b in range(0, len(spans), 8):
             pred = model(input_ids=ids[b:b + 8]).logits.argmax(-1)
             for j, (a, e) in enumerate(spans[b:b + 8]):
                 ok += bool((pred[j, a - 1:e - 1] == ids[b + j, a:e]).all())
-        out[f"passkey@{ctx}"] = round(ok / n, 3)
-    g = torch.Generator().manual_seed(PROBE_SEED_BASE)
-    seq = torch.randint(len(SPECIALS), tok.get_vocab_size(), (n, 48), generator=g)
-    ids = torch.cat([torch.full((n, 1), BOS), seq, seq], dim=1).to(device)
+        out[f"passkey@{ctx}"] = round(ok / len(spans), 3)
+    ids = probes.copy
     pred = model(input_ids=ids).logits.argmax(-1)
     out["copy"] = round((pred[:, 48:-1] == ids[:, 49:]).float().mean().item(), 3)
     model.train()
@@ -640,9 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     best: dict = {"loss": float("inf"), "step": -1, "state": None}
     valid_curve: list[dict] = []
     probe_curve: list[dict] = []
-    probe_filler = Filler(sentences_of(heldout_prose), lambda xs: [
-        len(e.ids) for e in tok.encode_batch(xs, add_special_tokens=False)])
-    probe_contexts = tuple(c for c in (256, 1024) if c <= p.max_positions)
+    probes = None
+    if p.probe_every:
+        probe_filler = Filler(sentences_of(heldout_prose), lambda xs: [
+            len(e.ids) for e in tok.encode_batch(xs, add_special_tokens=False)])
+        probes = probe_set(tok, probe_filler, tuple(c for c in (256, 1024) if c <= p.max_positions), 32,
+                           device)
 
     def validate(step: int, progress: float) -> None:
         vl = valid_loss(model, valid_stream, p.seq_len, amp)
@@ -731,8 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         window_tokens += ids[:, :-1].numel()
         if step > 0 and step % p.valid_every == 0:
             validate(step, progress)
-        if p.probe_every and step > 0 and step % p.probe_every == 0:
-            probe_curve.append({"step": step, **probe(model, tok, probe_filler, probe_contexts, 32, device)})
+        if probes is not None and step > 0 and step % p.probe_every == 0:
+            probe_curve.append({"step": step, **probe(model, probes)})
             log(f"step {step:5d} probe {probe_curve[-1]}")
         if p.checkpoint_every and step > 0 and step % p.checkpoint_every == 0:
             if not p.keep_best:  # the checkpoint is the current weights

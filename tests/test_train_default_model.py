@@ -104,3 +104,22 @@ def test_recipe_overrides_reject_unknown_fields_and_bad_values(capsys) -> None:
     args = ap.parse_args(["--preset", "cpu", "--set", "layers=6", "--set", "curriculum=((1.0, 512, 4),)"])
     p = tdm.recipe(args, ap)
     assert p.layers == 6 and p.curriculum == ((1.0, 512, 4),)
+
+
+def test_probe_set_spans_cover_exactly_the_answers() -> None:
+    from tokenizers import Tokenizer
+
+    from kvcache.bench.tasks import Filler, make_task
+    from kvcache.models import DEFAULT_MODEL_DIR
+
+    tok = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    filler = Filler(["The sky is blue.", "Water is wet."],
+                    lambda xs: [len(e.ids) for e in tok.encode_batch(xs, add_special_tokens=False)])
+    probes = tdm.probe_set(tok, filler, (128,), 3, torch.device("cpu"))
+    ids, spans = probes.passkey[128]
+    for i, (a, e) in enumerate(spans):
+        ex = make_task("passkey", filler, 128, seed=tdm.PROBE_SEED_BASE + 128 * 1000 + i)
+        assert tok.decode(ids[i, a:e].tolist()) == ex.answer
+        assert (ids[i, e:] == tdm.PAD).all()  # right padding only
+    copy = probes.copy
+    assert copy.shape == (3, 97) and torch.equal(copy[:, 1:49], copy[:, 49:])
