@@ -6,6 +6,9 @@
     PYTHONPATH=src python3 scripts/train_default_model.py --preset cpu --set lr=0.002 --out OUT  # a variant
     PYTHONPATH=src python3 scripts/train_default_model.py --write-eval-splits            # refresh eval data
 
+A GPU runs a CPU recipe step for step with ``--device cuda --precision fp32 --set budget_s=1e9`` (the planned
+steps then end the run): that is how scripts/sweep_default_model.py compares recipe variants side by side.
+
 Everything is offline and seeded. The prose comes from the Python installation (kvcache.models.corpus); the
 synthetic long-context documents (passkey, key-value and multi-needle retrieval) come from
 kvcache.bench.tasks with training seeds (evaluation uses a disjoint seed range). Every batch is a pure
@@ -566,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="output directory (created; files replaced atomically)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 on CUDA reproduces a CPU recipe")
     ap.add_argument("--steps", type=int, help="override the preset's step count")
     ap.add_argument("--budget-s", type=float, help="override the preset's training time budget (seconds)")
     ap.add_argument("--filler-weight", type=float,
@@ -654,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     data = Batches(tok, prose_ids, sentences, p, args.seed, 0, p.steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None, persistent_workers=False)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     valid_stream = torch.tensor(valid_ids[:p.valid_tokens], device=device)
     best: dict = {"loss": float("inf"), "step": -1, "state": None}
@@ -695,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             "param_count": n_params,
             "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else platform.processor() or "cpu"),
+            "precision": "bf16 autocast" if bf16 else "fp32",
             "cpu_threads": torch.get_num_threads(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__,

@@ -99,6 +99,7 @@ def test_smoke_preset_trains_saves_and_evaluates(tmp_path: Path) -> None:
                     "--out", str(out)], check=True, env=env, capture_output=True, timeout=240)
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == log["planned_steps"] and log["param_count"] > 0
+    assert log["precision"] == "fp32"  # the default on a CPU
     assert log["history"][-1]["loss"] < log["history"][0]["loss"]  # it learns something
     subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_default_model.py"), str(out),
                     "--prompts", "3", "--contexts", "256"],
