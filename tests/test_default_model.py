@@ -167,16 +167,18 @@ def test_greedy_generation_is_deterministic(default_model) -> None:
 
 
 @needs_weights
-def test_passkey_at_512_tokens_is_answered(default_model) -> None:
+@pytest.mark.parametrize("context", [512, 1024])
+def test_passkey_is_answered_at_512_and_1024_tokens(default_model, context: int) -> None:
+    """Keys at the start, middle and end of held-out prose (fresh evaluation seeds), greedy, full cache."""
     model, tok = default_model
     prose = load_eval_split(EVAL_DIR / "prose.jsonl")
     sentences = [s for d in prose for p in prose_paragraphs(d.text) for s in split_sentences(p)]
     filler = Filler(sentences, lambda xs: [len(i) for i in tok(xs, add_special_tokens=False)["input_ids"]])
     correct = 0
-    for i, depth in enumerate((0.1, 0.5, 0.9)):
-        ex = passkey(filler, 512, depth=depth, seed=EVAL_SEED_BASE + 777 + i)
+    for i, depth in enumerate((0.0, 0.5, 1.0)):
+        ex = passkey(filler, context, depth=depth, seed=EVAL_SEED_BASE + 777 + i)
         enc = tok(ex.prompt, return_tensors="pt")
-        assert 480 <= enc["input_ids"].shape[1] <= 512
+        assert 0.9 * context <= enc["input_ids"].shape[1] <= context
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         correct += is_correct(ex, tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     assert correct == 3
