@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from standalone import ROOT, load_module  # scripts/ is on sys.path when a script runs
+from standalone import ROOT, load_module, write_text  # scripts/ is on sys.path when a script runs
 
 _tasks = load_module("kvcache_bench_tasks", "bench/tasks.py")
 _corpus = load_module("kvcache_models_corpus", "models/corpus.py")
@@ -385,12 +385,6 @@ An answer counts when the generated number equals the key exactly.
 PYTHONPATH=src python3 scripts/eval_default_model.py OUT
 ```
 """
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def passes_bar(ev: dict) -> bool:

@@ -1,4 +1,4 @@
-"""Import single kvcache modules by path, for the default-model scripts.
+"""Helpers shared by the default-model scripts: import single kvcache modules by path, write files atomically.
 
 The training and evaluation jobs must run where only torch, transformers and tokenizers are installed,
 possibly at releases older than the package supports, so they load just the self-contained modules they
@@ -8,6 +8,7 @@ need (``bench/tasks.py``, ``models/corpus.py``) instead of ``import kvcache``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -24,3 +25,10 @@ def load_module(name: str, relpath: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up while the class body runs
     spec.loader.exec_module(module)
     return module
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
-from eval_default_model import write_text  # scripts/ is on sys.path when a script runs
+from standalone import write_text  # scripts/ is on sys.path when a script runs
 
 SCRIPTS = Path(__file__).resolve().parent
 DEFAULTS = {"preset": "cpu", "device": "cuda", "precision": "fp32", "workers": 1, "set": ["budget_s=1e9"]}
@@ -121,9 +121,8 @@ def train_command(sweep: Sweep, v: Variant, out: Path) -> list[str]:
 
 
 def eval_command(sweep: Sweep, v: Variant, out: Path, contexts: str, prompts: int) -> list[str]:
-    device = "cuda" if sweep.device.startswith("cuda") else sweep.device
-    return [sys.executable, str(SCRIPTS / "eval_default_model.py"), str(out / v.name), "--device", device,
-            "--contexts", contexts, "--prompts", str(prompts)]
+    return [sys.executable, str(SCRIPTS / "eval_default_model.py"), str(out / v.name),
+            "--device", sweep.device, "--contexts", contexts, "--prompts", str(prompts)]
 
 
 def run_variant(sweep: Sweep, v: Variant, out: Path, contexts: str, prompts: int) -> str:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from standalone import ROOT, load_module  # scripts/ is on sys.path when a script runs
+from standalone import ROOT, load_module, write_text  # scripts/ is on sys.path when a script runs
 
 _tasks = load_module("kvcache_bench_tasks", "bench/tasks.py")
 _corpus = load_module("kvcache_models_corpus", "models/corpus.py")
@@ -558,9 +558,7 @@ def git_commit() -> str | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- main
