@@ -99,7 +99,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # the recipe for a 2-core CPU: 2,600 steps (~70 minutes on one core; the schedule follows
+    # the recipe for a 2-core CPU: 2,600 steps (64 minutes on one core here; the schedule follows
     # max(step / steps, elapsed / budget), so a slower machine stops at the 85-minute budget with every phase
     # still given its share). Small model (3.7M parameters, ~1.2-2k tokens/s on one core); retrieval-heavy
     # rows with loss on every token, copy drills, a length curriculum 256 -> 512 -> 1024 whose 1024 phase is
