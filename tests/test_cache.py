@@ -217,7 +217,8 @@ def test_from_spec_shapes_and_layouts() -> None:
     static = KVCache.from_spec("static", gqa, batch_size=2, max_cache_len=40, dtype=torch.float16)
     assert all(isinstance(s, StaticLayer) and s.capacity == 40 for s in static.stores)
     assert static.is_compileable and static.get_max_length() == 40
-    assert static.nbytes() == 3 * 2 * (2 * 2 * 40 * 16) * 2  # layers x (k, v) x B*H*T*D x fp16 bytes
+    # layers x B*H*T x ((k, v) x D x fp16 bytes + one int32 position)
+    assert static.nbytes() == 3 * (2 * 2 * 40) * (2 * 16 * 2 + 4)
     explicit = KVCache.from_spec("static:capacity=8", gqa, max_cache_len=40)
     assert explicit.stores[0].capacity == 8  # the spec's capacity wins
     assert str(static.spec) == "static"

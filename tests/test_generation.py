@@ -173,12 +173,13 @@ def test_stats_count_tokens_and_cache_memory(model, tokenizer):
     assert stats.new_tokens == 18
     assert stats.decode_steps == 5
     assert stats.prefill_tokens_per_s > 0 and stats.decode_tokens_per_s > 0
-    # static sized to longest prompt + new tokens: K and V, every layer, float32
+    # static sized to longest prompt + new tokens: K and V (float32) and one int32 position per slot and
+    # head, every layer
     cfg = model.config
     layers = cfg.num_hidden_layers
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    expected = 2 * layers * 3 * kv_heads * (max(lengths) + 6) * head_dim * 4
+    expected = layers * 3 * kv_heads * (max(lengths) + 6) * (2 * head_dim * 4 + 4)
     assert stats.cache_bytes == expected == stats.peak_cache_bytes
     assert set(stats.to_dict()) >= {"prompt_tokens", "new_tokens", "prefill_tokens_per_s",
                                     "decode_tokens_per_s", "cache_bytes", "peak_cache_bytes"}
@@ -248,10 +249,10 @@ def test_capacity_error_from_a_growable_layout_ends_cleanly(model, tokenizer, mo
     # A layout whose limit is not visible up front (max_capacity None) refuses a write from `update`:
     # generation must end with "capacity" and keep the tokens produced so far.
     class LimitedLayer(DynamicLayer):
-        def update(self, key, value):
+        def update(self, key, value, valid=None):
             if self.physical_length + key.shape[2] > 24:
                 raise CacheCapacityError("limited layer is full")
-            return super().update(key, value)
+            return super().update(key, value, valid)
 
     def limited(spec, config, **kwargs):
         return KVCache([LimitedLayer() for _ in range(config.num_hidden_layers)], spec)

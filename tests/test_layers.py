@@ -39,7 +39,8 @@ def test_dynamic_equals_concatenation(chunks: list[int], min_growth: int) -> Non
     assert layer.capacity >= total
     # slack is bounded: a quarter of the need plus min_growth
     assert layer.capacity <= total + max(min_growth, total // 4) + max(chunks)
-    assert layer.nbytes() == 2 * B * H * layer.capacity * D * 4
+    # keys and values (float32) plus one int32 logical position per slot and head
+    assert layer.nbytes() == B * H * layer.capacity * (2 * D * 4 + 4)
 
 
 def test_dynamic_decode_does_not_reallocate_every_step() -> None:
@@ -64,7 +65,7 @@ def test_static_update_returns_whole_buffer_and_masks_nothing_itself() -> None:
     k2, v2 = kv(1, seed=1)
     out_k, _ = layer.update(k2, v2)
     assert torch.equal(out_k[:, :, 4:5], k2)
-    assert layer.nbytes() == 2 * B * H * 10 * D * 4  # preallocated, whatever is held
+    assert layer.nbytes() == B * H * 10 * (2 * D * 4 + 4)  # preallocated K/V + positions, whatever is held
 
 
 def test_static_overflow_raises_before_writing() -> None:

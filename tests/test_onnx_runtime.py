@@ -128,8 +128,9 @@ def test_prompt_over_static_capacity_is_a_clear_error(llama):
 
 def test_static_cache_holds_its_preallocated_bytes(llama):
     result = OnnxGenerator(llama[1], cache="static:capacity=64").generate(PROMPTS, max_new_tokens=4)
-    # 2 layers x (K + V) x batch 2 x 2 KV heads (GQA kept) x 64 slots x head_dim 16 x 4 bytes
-    assert result.stats.cache_bytes == result.stats.peak_cache_bytes == 2 * 2 * 2 * 2 * 64 * 16 * 4
+    # 2 layers x batch 2 x 2 KV heads (GQA kept) x 64 slots x ((K + V) x head_dim 16 x 4 bytes + an int32
+    # position)
+    assert result.stats.cache_bytes == result.stats.peak_cache_bytes == 2 * 2 * 2 * 64 * (2 * 16 * 4 + 4)
 
 
 def test_eos_and_stop_strings(llama):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -275,6 +275,9 @@ def _spec(draw: st.DrawFn) -> tuple[CacheSpec, dict[str, str]]:
     for kind in ("layout", "precision", "placement", "policy"):
         if draw(st.booleans()):
             parts[kind], texts[kind] = draw(_typed_part(kind))
+    capacity = parts["layout"].params.get("capacity") if "layout" in parts else None
+    tokens = parts["policy"].params.get("tokens") if "policy" in parts else None
+    assume(capacity is None or tokens is None or tokens <= capacity)  # the combination rule, tested apart
     if not texts:
         texts["layout"] = "dynamic"
     return CacheSpec(**parts), texts
@@ -475,3 +478,9 @@ def test_docs_examples() -> None:
     with pytest.raises(SpecError) as exc:
         CacheSpec.parse("int4+int8")
     assert f"SpecError: {exc.value}" in errors
+
+
+def test_a_static_capacity_must_hold_the_policy_tokens() -> None:
+    with pytest.raises(SpecError, match=r"tokens=300 keeps more tokens than static:capacity=256"):
+        CacheSpec.parse("h2o:tokens=300+static:capacity=256")
+    assert str(CacheSpec.parse("static:capacity=256+h2o:tokens=256")) == "h2o:tokens=256+static:capacity=256"

@@ -13,7 +13,7 @@ the position offset that eviction creates), transformers' ``crop(-n)`` conventio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,19 +22,20 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcache import compat
 from kvcache.errors import KVCacheError, UnsupportedSpecError
-from kvcache.layers.base import CacheLayer
-from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.layers.base import CacheLayer, MemoryUse
+from kvcache.layers.registry import LayerShape, build_store
+from kvcache.observe import AttentionObserver
 from kvcache.spec import CacheSpec
 
-__all__ = ["KVCache", "HFCacheLayer", "model_cache_shape"]
+__all__ = ["CACHE_KWARG", "KVCache", "HFCacheLayer", "model_cache_shape"]
 
 #: Layer types (transformers' ``config.layer_types``) a KVCache can hold. Sliding-window layers keep every
 #: token (the mask applies the window), which is correct, only not memory-optimal.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
-#: Key under which the attention function (``kvcache.attention``) finds the cache's attention observer in
-#: its keyword arguments. The cache puts it there from ``update`` (see :meth:`KVCache.update`).
-OBSERVER_KWARG = "kvcache_observer"
+#: Key under which the attention function (``kvcache.attention``) finds the cache in its keyword arguments:
+#: a forward argument (``model(..., kvcache=cache)``), or put there by :meth:`KVCache.update`.
+CACHE_KWARG = "kvcache"
 
 
 class HFCacheLayer(CacheLayerMixin):
@@ -47,7 +48,6 @@ class HFCacheLayer(CacheLayerMixin):
         ``physical_length``, ``nbytes``) is asked of it directly.
     """
 
-    is_croppable = True
     is_sliding = False  # every layer keeps all tokens it is given (a policy may evict, a window never)
 
     def __init__(self, store: CacheLayer) -> None:
@@ -56,6 +56,10 @@ class HFCacheLayer(CacheLayerMixin):
         self.store = store
         self.is_initialized = True  # stores allocate on their own; nothing for early_initialization to do
 
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        return self.store.capabilities.croppable
+
     def __repr__(self) -> str:
         store = self.store
         return f"HFCacheLayer({type(store).__name__}, seen={store.seen}, held={store.physical_length})"
@@ -63,7 +67,7 @@ class HFCacheLayer(CacheLayerMixin):
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]
         # Only fixed-size stores keep tensor shapes and addresses constant from step to step.
-        return self.store.max_capacity is not None
+        return self.store.capabilities.compileable
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
@@ -181,14 +185,23 @@ class KVCache(Cache):
     spec:
         The :class:`~kvcache.spec.CacheSpec` of this cache.
     observer:
-        ``None``, or a callable ``observer(layer_idx, logits, weights)`` that receives every layer's masked
-        attention logits and softmax weights ``(B, H, T_q, T_phys)`` from the kvcache attention function
-        (``kvcache.enable(model)``), in the same pass that computes attention. Retention policies that score
-        tokens by attention plug in here. It reaches the attention function as a forward argument,
-        ``model(..., kvcache_observer=cache.observer)``, which is what :func:`kvcache.generate` passes and
-        works on every supported transformers release. From transformers 5.24 most models (Llama, Mistral,
-        Qwen2, Phi-3, Gemma, GPT-2, GPT-J, CodeGen, OPT; not GPT-NeoX) also hand their attention keyword
-        arguments to ``update``, and the cache forwards it that way too (see :meth:`update`).
+        ``None``, or an :class:`~kvcache.observe.AttentionObserver`: it declares per layer which attention
+        statistics it needs, and the kvcache attention function (``kvcache.enable(model)``) hands them over in
+        the same pass that computes attention.
+
+    Notes
+    -----
+    The kvcache attention function finds the cache in its keyword arguments under :data:`CACHE_KWARG`. It
+    gets there as a forward argument, ``model(..., kvcache=cache)``, which is what :func:`kvcache.generate`
+    passes and works on every supported transformers release and architecture; from transformers 5.24 most
+    models (not GPT-NeoX) also hand their attention keyword arguments to :meth:`update`, and the cache puts
+    itself there too, so ``model.generate(past_key_values=cache)`` alone reaches it on those.
+
+    A layer *needs* the kvcache attention function when its slots no longer map one to one onto the
+    timeline (a retention policy called ``keep``: masks must come from the per-slot positions) or when the
+    observer requests statistics for it. Each such layer must report in every forward; one that does not
+    raises :class:`~kvcache.errors.KVCacheError` at the next ``update`` (or at :meth:`end_forward`),
+    instead of silently attending to evicted or padding slots.
     """
 
     def __init__(self, stores: Sequence[CacheLayer], spec: str | CacheSpec = "dynamic") -> None:
@@ -198,7 +211,11 @@ class KVCache(Cache):
         self._adapters = [HFCacheLayer(s) for s in stores]
         super().__init__(layers=list(self._adapters))
         self.spec = CacheSpec.parse(spec)
-        self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        self.observer: AttentionObserver | None = None
+        self._valid: torch.Tensor | None = None  # (B, T_new) validity of the tokens of this forward
+        self._announced = False  # begin_forward announced this forward's validity (kvcache's own driver)
+        self._awaiting: int | None = None  # a layer whose attention must still report in this forward
+        self._last_updated: int | None = None  # the layer updated last (released when the forward ends)
 
     # ----- construction ------------------------------------------------------------------------------
     @classmethod
@@ -239,23 +256,14 @@ class KVCache(Cache):
         """
         spec = CacheSpec.parse(spec)
         spec.require_available()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise KVCacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         num_layers, num_kv_heads, head_dims = model_cache_shape(config)
-        if spec.layout.name == "static":
-            capacity = spec.layout.params.get("capacity") or max_cache_len
-            if capacity is None:
-                raise KVCacheError(
-                    "a static cache needs a capacity: write 'static:capacity=N' or pass max_cache_len=N "
-                    "(prompt length + new tokens)"
-                )
-            dtype = dtype or _config_dtype(config)
-            stores: list[CacheLayer] = [
-                StaticLayer(capacity, batch_size, num_kv_heads[i], head_dims[i], dtype, device)
-                for i in range(num_layers)
-            ]
-        else:
-            stores = [DynamicLayer() for _ in range(num_layers)]
+        dtype = dtype or _config_dtype(config)
+        stores = [
+            build_store(spec, LayerShape(heads, dim, batch_size, max_cache_len, device, dtype))
+            for heads, dim in zip(num_kv_heads, head_dims, strict=True)
+        ]
         return cls(stores, spec)
 
     # ----- the Cache protocol ------------------------------------------------------------------------
@@ -265,19 +273,35 @@ class KVCache(Cache):
         """Store the new ``(B, H_kv, T_new, D)`` keys/values of ``layer_idx``; return what attention sees.
 
         Models call ``cache.update(k, v, layer_idx, kwargs=attention_kwargs)`` and then pass the same
-        ``attention_kwargs`` to the attention function; when an :attr:`observer` is set, it is handed over
-        that way (under ``OBSERVER_KWARG``), so attention statistics flow through arguments only.
+        ``attention_kwargs`` to the attention function; the cache puts itself there (under
+        :data:`CACHE_KWARG`), so the kvcache attention function finds it through arguments only.
+        Around the store's update, the next layer's store is asked to :meth:`~CacheLayer.prefetch` and the
+        previous one to :meth:`~CacheLayer.release` (no-ops for resident stores).
         """
+        self._check_reported()
+        if layer_idx == 0 and self._last_updated is not None:
+            self._adapters[self._last_updated].store.release()  # the previous forward's last layer
         attention_kwargs = kwargs.get("kwargs")
-        if self.observer is not None and isinstance(attention_kwargs, dict):
-            attention_kwargs[OBSERVER_KWARG] = self.observer
-        return self._adapters[layer_idx].update(key_states, value_states)
+        if isinstance(attention_kwargs, dict):
+            attention_kwargs[CACHE_KWARG] = self
+        stores = self.stores
+        store = stores[layer_idx]
+        store.prefetch()
+        out = store.update(key_states, value_states, self._valid)
+        if layer_idx + 1 < len(stores):
+            stores[layer_idx + 1].prefetch()
+        if layer_idx > 0:
+            stores[layer_idx - 1].release()
+        self._last_updated = layer_idx
+        if self.needs_attention_report(layer_idx):
+            self._awaiting = layer_idx
+        return out
 
     # ----- transformers >= 5.13 API, the same on every supported release -------------------------------
     @property
     def batch_size(self) -> int:  # type: ignore[override]
         """Sequences per batch the layers hold (0 while growable layers are still empty)."""
-        sizes = {layer.batch_size for layer in self._adapters}
+        sizes = {layer.store.batch_size for layer in self._adapters}
         if len(sizes) > 1:
             raise KVCacheError(f"the layers hold different batch sizes {sorted(sizes)}; reset the cache")
         return sizes.pop()
@@ -289,6 +313,62 @@ class KVCache(Cache):
         if layer_idx >= len(self._adapters):
             return -1
         return self._adapters[layer_idx].get_max_length()
+
+    # ----- forwards driven by kvcache (both runtimes) -------------------------------------------------
+    def begin_forward(self, valid: torch.Tensor | None) -> None:
+        """Announce the next forward's tokens: ``(B, T_new)`` bool, False for padding (``None``: all real).
+
+        Their slots get position ``-1`` where False, so masks built from positions never attend them.
+        """
+        self._check_reported()
+        self._valid = valid
+        self._announced = True
+
+    @property
+    def validity_unknown(self) -> bool:
+        """No :meth:`begin_forward` announced the current tokens (a ``model.generate`` call): the attention
+        function reads padding off transformers' mask instead."""
+        return not self._announced
+
+    def end_forward(self, check: bool = True) -> None:
+        """The forward is over: check that every layer that needed the kvcache attention function reported
+        (unless ``check`` is False: the forward failed), and release the last layer's store."""
+        self._valid = None
+        self._announced = False
+        if not check:
+            self._awaiting = None
+        self._check_reported()
+        if self._last_updated is not None:
+            self._adapters[self._last_updated].store.release()
+            self._last_updated = None
+
+    def needs_attention_report(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s attention must run through the kvcache attention function now."""
+        store = self._adapters[layer_idx].store
+        if store.slots_remapped:
+            return True
+        return self.observer is not None and self.observer.request(layer_idx) is not None
+
+    def attention_reported(self, layer_idx: int) -> None:
+        """Called by the kvcache attention function once it has served ``layer_idx`` in this forward."""
+        if self._awaiting == layer_idx:
+            self._awaiting = None
+
+    def _check_reported(self) -> None:
+        layer = self._awaiting
+        if layer is None:
+            return
+        self._awaiting = None
+        store = self._adapters[layer].store
+        why = ("its store holds a selection of tokens (masks must come from the slots' positions)"
+               if store.slots_remapped else "the cache's observer requests attention statistics for it")
+        raise KVCacheError(
+            f"layer {layer}'s attention did not run through the kvcache attention function, which it needs: "
+            f"{why}. Switch the model with kvcache.enable(model) (kvcache.generate does), and pass the cache "
+            f"to the forward too when the model does not hand it to the attention on its own: "
+            f"model.generate(..., past_key_values=cache, {CACHE_KWARG}=cache). Models that do not route "
+            "attention through transformers' AttentionInterface cannot use it"
+        )
 
     # ----- kvcache additions -------------------------------------------------------------------------
     @property
@@ -306,9 +386,28 @@ class KVCache(Cache):
         """Slots ``layer_idx`` holds now (tokens kept)."""
         return self._adapters[layer_idx].store.physical_length
 
+    def free_slots(self) -> int | None:
+        """Slots left in the fullest fixed-capacity layer (``None`` when every layer can grow)."""
+        free = [s.max_capacity - s.physical_length for s in self.stores if s.max_capacity is not None]
+        return min(free) if free else None
+
+    def memory(self) -> MemoryUse:
+        """Bytes of K/V memory all layers hold now, by where they live."""
+        total = MemoryUse()
+        for store in self.stores:
+            total = total + store.memory()
+        return total
+
     def nbytes(self) -> int:
         """Bytes of K/V memory all layers hold now (allocated, preallocated slack included)."""
-        return sum(layer.store.nbytes() for layer in self._adapters)
+        return self.memory().total
+
+    def reset(self) -> None:
+        """Drop every layer's content and any forward in flight."""
+        super().reset()
+        self._valid = None
+        self._announced = False
+        self._awaiting = self._last_updated = None
 
     def __repr__(self) -> str:
         return f"KVCache({str(self.spec)!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 if TYPE_CHECKING:
-    from kvcache.decoding import GenerationResult
+    from kvcache.result import GenerationResult
 
 CacheOption = Annotated[str, typer.Option(
     "--cache", "-c", help="Cache spec: dynamic, static, static:capacity=N, ... (`kvcache info`).")]

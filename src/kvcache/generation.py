@@ -1,45 +1,33 @@
-"""Text generation with a kvcache cache: tokenization with left padding, chunked prefill, the decode loop.
+"""Text generation with a kvcache cache on PyTorch: the model's step function and the public ``generate``.
 
-The loop is written out (rather than calling ``model.generate``) so that it controls what ``generate``
-cannot: the cache is built from a spec string, a fixed-capacity cache ends generation cleanly with
-``finish_reason="capacity"``, and each call reports prefill/decode speed and cache memory.
+The loop itself (chunked prefill, decoding, stopping, statistics) is :func:`kvcache.decoding.decode`, shared
+with the ONNX Runtime path; this module builds the cache from a spec and supplies the PyTorch forward. It is
+written out (rather than calling ``model.generate``) so that it controls what ``generate`` cannot: the cache
+is built from a spec string, a fixed-capacity cache ends generation cleanly with
+``finish_reason="capacity"``, retention policies act between forwards, and each call reports prefill/decode
+speed and cache memory.
 
-Positions come from the attention mask (``cumsum - 1``), so left-padded rows get the same positions as when
-run alone; the mask always spans past + current tokens.
+Positions come from the attention mask (per row, padding excluded), so left-padded rows get the same
+positions as when run alone; the 2-D mask given to the model spans every logical column seen so far.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kvcache import compat
-from kvcache.cache import OBSERVER_KWARG, KVCache
-from kvcache.decoding import (
-    GenerationResult,
-    GenerationStats,
-    Rows,
-    cache_capacity,
-    check_arguments,
-    eos_ids,
-    left_pad,
-    stop_strings,
-)
-from kvcache.errors import CacheCapacityError
+from kvcache.cache import CACHE_KWARG, KVCache
+from kvcache.decoding import PROGRESS_MIN_TOKENS, DecodeHooks, decode
+from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
+from kvcache.result import GenerationResult, GenerationStats
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
 from kvcache.stopping import StopChecker
 
-# GenerationResult/GenerationStats live in kvcache.decoding (shared with the ONNX runtime), public here too
-__all__ = ["PROGRESS_MIN_TOKENS", "GenerationResult", "GenerationStats", "generate"]
-
-#: generations of at least this many new tokens show a progress bar (when stderr is a terminal)
-PROGRESS_MIN_TOKENS = 64
+__all__ = ["PROGRESS_MIN_TOKENS", "GenerationResult", "GenerationStats", "TorchStep", "generate"]
 
 
 def generate(
@@ -57,6 +45,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     prefill_chunk_size: int = 512,
     progress: bool | None = None,
+    hooks: DecodeHooks | None = None,
 ) -> GenerationResult:
     """Generate a continuation for each prompt with a cache built from ``cache``.
 
@@ -88,6 +77,9 @@ def generate(
         the attention scores for long prompts).
     progress:
         Show a progress bar on stderr; ``None`` shows it for long generations when stderr is a terminal.
+    hooks:
+        Called between forwards (after each prefill chunk, at the end of the prefill, after each decode
+        step) with the cache: where retention policies act.
 
     Returns
     -------
@@ -103,81 +95,61 @@ def generate(
     prompt_list = check_arguments(prompts, max_new_tokens, prefill_chunk_size)
     spec = CacheSpec.parse(cache)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
-    checker = StopChecker(tokenizer, _eos_ids(eos_token_id, model, tokenizer), stop_strings(stop))
+    eos, pad_id = special_tokens(eos_token_id, tokenizer, getattr(model, "generation_config", None),
+                                 model.config)
+    checker = StopChecker(tokenizer, eos, stop_strings(stop))
 
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     input_ids, attention_mask = left_pad(tokenizer, prompt_list, model.get_input_embeddings().num_embeddings)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
-    forward_kwargs = _ForwardKwargs(model)
-
     kv = KVCache.from_spec(spec, model.config, batch_size=batch, max_cache_len=prompt_len + max_new_tokens,
                            device=device, dtype=dtype)
-    capacity = cache_capacity(kv, spec, prompt_len)
+    step = TorchStep(model, kv, batch, max_columns=prompt_len + max_new_tokens)
+    with torch.inference_mode():
+        return decode(step, kv, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler,
+                      generator=make_generator(seed, device), checker=checker, pad_id=pad_id,
+                      prefill_chunk_size=prefill_chunk_size, spec=spec, hooks=hooks, progress=progress)
 
-    generator = make_generator(seed, device)
-    # The mask of every step is a prefix of this one: prompt mask, then ones for generated tokens.
-    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
-    if capacity is not None:
-        # A preallocated cache shows attention all its slots; the mask spans them all (unwritten slots are
-        # zeros or causally masked), since some models (BLOOM's ALiBi) size their bias from the mask.
-        spare = max(0, capacity - full_mask.shape[1])
-        full_mask = torch.nn.functional.pad(full_mask, (0, spare))[:, :capacity]
 
-    def mask_until(end: int) -> torch.Tensor:
-        return full_mask if capacity is not None else full_mask[:, :end]
+class TorchStep:
+    """The PyTorch runtime's step function for :func:`kvcache.decoding.decode`.
 
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    rows = Rows(batch, checker)
-    pad_id = _pad_id(model, tokenizer, checker.eos_token_ids)
+    Keeps the 2-D attention mask transformers' mask builders read: one column per logical token seen
+    (padding 0), never cut at a static layout's capacity (after eviction the newest tokens lie past it), and
+    at least as wide as a preallocated buffer (some models size position biases from it).
 
-    with torch.inference_mode(), _progress_bar(progress, max_new_tokens) as advance:
-        start = time.perf_counter()
-        logits = None
-        for lo in range(0, prompt_len, prefill_chunk_size):
-            hi = min(lo + prefill_chunk_size, prompt_len)
-            out = model(input_ids=input_ids[:, lo:hi], attention_mask=mask_until(hi),
-                        **forward_kwargs(kv, positions[:, lo:hi], lo, hi))
-            logits = out.logits
-        assert logits is not None  # prompt_len >= 1: left_pad rejects empty prompts
-        next_tokens = sampler(logits[:, -1, :], generator)
-        # The one host sync per step: stopping (eos, stop strings, all rows done) needs the token values.
-        rows.record(next_tokens.tolist())
-        peak = kv.nbytes()
-        prefill_end = time.perf_counter()
-        advance()
+    Parameters
+    ----------
+    model:
+        The causal LM.
+    cache:
+        Its cache.
+    batch:
+        Rows per forward.
+    max_columns:
+        Logical tokens the run may feed (prompt + new tokens): the mask is allocated once.
+    """
 
-        alive = rows.alive(device)
-        position = positions[:, -1:] + 1
-        steps = 0
-        while steps + 1 < max_new_tokens and rows.running():
-            if capacity is not None and kv.physical_length() >= capacity:
-                rows.finish_all("capacity")
-                break
-            # Finished rows keep feeding the pad token so the batch stays rectangular.
-            step_input = torch.where(alive, next_tokens, pad_id)[:, None]
-            seen = prompt_len + steps
-            try:
-                out = model(input_ids=step_input, attention_mask=mask_until(seen + 1),
-                            **forward_kwargs(kv, position, seen, seen + 1))
-            except CacheCapacityError:
-                # A layout whose capacity is not visible up front refused the write; nothing was written.
-                rows.finish_all("capacity")
-                break
-            steps += 1
-            position = position + 1
-            next_tokens = sampler(out.logits[:, -1, :], generator)
-            done = rows.record(next_tokens.tolist())
-            if done:
-                alive[done] = False
-            peak = max(peak, kv.nbytes())
-            advance()
-        rows.finish_all("length")
-        end = time.perf_counter()
+    def __init__(self, model: Any, cache: KVCache, batch: int, max_columns: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.kwargs = _ForwardKwargs(model)
+        device = next(model.parameters()).device
+        capacity = max((c for c in (s.max_capacity for s in cache.stores) if c is not None), default=0)
+        self.mask = torch.ones(batch, max(max_columns, capacity), dtype=torch.long, device=device)
+        self.seen = 0  # logical columns fed so far
+        self.capacity = capacity
 
-    return rows.result(spec=spec, prompt_mask=attention_mask, times=(start, prefill_end, end),
-                       decode_steps=steps, cache_bytes=kv.nbytes(), peak_cache_bytes=peak)
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run ``(B, S)`` tokens; return the ``(B, V)`` logits of the last position."""
+        lo, hi = self.seen, self.seen + input_ids.shape[1]
+        self.mask[:, lo:hi] = valid
+        out = self.model(input_ids=input_ids, attention_mask=self.mask[:, : max(hi, self.capacity)],
+                         **self.kwargs(self.cache, positions, lo, hi))
+        self.seen = hi
+        return out.logits[:, -1, :]
 
 
 class _ForwardKwargs:
@@ -201,45 +173,8 @@ class _ForwardKwargs:
             kwargs["position_ids"] = position_ids
         if self.names.cache_position:
             kwargs["cache_position"] = torch.arange(start, end, device=position_ids.device)
-        if cache.observer is not None and self.names.extra:
+        if self.names.extra:
             # The forward arguments reach the attention function on every transformers release and for every
             # architecture; the route through Cache.update exists only where models hand it their kwargs.
-            kwargs[OBSERVER_KWARG] = cache.observer
+            kwargs[CACHE_KWARG] = cache
         return kwargs
-
-
-def _eos_ids(eos_token_id: int | Sequence[int] | None, model: Any, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids: the argument, else the generation config's, else the tokenizer's."""
-    candidates: Any = eos_token_id
-    if candidates is None:
-        config = getattr(model, "generation_config", None)
-        candidates = getattr(config, "eos_token_id", None)
-    if candidates is None:
-        candidates = getattr(tokenizer, "eos_token_id", None)
-    return eos_ids(candidates)
-
-
-def _pad_id(model: Any, tokenizer: Any, eos_ids: frozenset[int]) -> int:
-    """The token fed to finished rows: pad token of the tokenizer or generation config, else an eos id."""
-    for candidate in (getattr(tokenizer, "pad_token_id", None),
-                      getattr(getattr(model, "generation_config", None), "pad_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return min(eos_ids) if eos_ids else 0
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool | None, total: int) -> Iterator[Any]:
-    """Yield a function that advances a rich progress bar on stderr by one token (a no-op when off)."""
-    if enabled is None:
-        enabled = total >= PROGRESS_MIN_TOKENS and sys.stderr.isatty()
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress("generating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("generating", total=total)
-        yield lambda: bar.advance(task)

@@ -332,6 +332,7 @@ class CacheSpec:
                 raise SpecError(f"a cache spec always has a {kind}", kind)
             if part is not None and (not isinstance(part, SpecPart) or part.kind != kind):
                 raise SpecError(f"CacheSpec.{kind} must be a SpecPart of kind {kind!r}, got {part!r}", kind)
+        _check_combination(self)
 
     @classmethod
     def parse(cls, text: str | CacheSpec) -> CacheSpec:
@@ -395,6 +396,18 @@ class CacheSpec:
     def __str__(self) -> str:
         shown = [p for p in self.parts if p != _DEFAULT_LAYOUT and p != _DEFAULT_POLICY]
         return "+".join(str(p) for p in shown) if shown else str(_DEFAULT_LAYOUT)
+
+
+def _check_combination(spec: CacheSpec) -> None:
+    """Cross-part rules: what each part's parameters mean for the others (see docs/spec.md, "Budgets")."""
+    capacity = spec.layout.params.get("capacity")
+    tokens = spec.policy.params.get("tokens")
+    if capacity is not None and tokens is not None and tokens > capacity:
+        raise SpecError(
+            f"{spec.policy.name}:tokens={tokens} keeps more tokens than static:capacity={capacity} can hold; "
+            f"use capacity >= {tokens} or fewer tokens",
+            str(spec.policy),
+        )
 
 
 def _names_of(kind: str) -> str:

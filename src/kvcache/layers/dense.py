@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvcache.errors import CacheCapacityError, KVCacheError
-from kvcache.layers.base import CacheLayer
+from kvcache.layers.base import POSITION_DTYPE, CacheLayer, LayerCapabilities, MemoryUse, new_positions
 
 __all__ = ["DynamicLayer", "StaticLayer"]
 
@@ -48,6 +48,8 @@ class DynamicLayer(CacheLayer):
     steps outside it (inference tensors cannot be modified outside inference mode); ``torch.no_grad`` is fine.
     """
 
+    capabilities = LayerCapabilities(croppable=True, keep_group=1, compileable=False)
+
     def __init__(self, min_growth: int = 128) -> None:
         super().__init__()
         if min_growth < 1:
@@ -55,6 +57,7 @@ class DynamicLayer(CacheLayer):
         self.min_growth = min_growth
         self._keys: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self._values: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None  # (B, H_kv, capacity) logical index of each slot, -1: none
         self._length = 0  # filled slots (physical length)
 
     # ----- storage ------------------------------------------------------------------------------------
@@ -73,14 +76,19 @@ class DynamicLayer(CacheLayer):
         dv = value.shape[-1]
         new_k = key.new_empty((b, h, new_capacity, dk))
         new_v = value.new_empty((b, h, new_capacity, dv))
-        if self._keys is not None and self._values is not None and self._length:
+        new_p = torch.empty((b, h, new_capacity), dtype=POSITION_DTYPE, device=key.device)
+        if self._keys is not None and self._values is not None and self._pos is not None and self._length:
             new_k[:, :, : self._length].copy_(self._keys[:, :, : self._length])
             new_v[:, :, : self._length].copy_(self._values[:, :, : self._length])
-        self._keys, self._values = new_k, new_v
+            new_p[:, :, : self._length].copy_(self._pos[:, :, : self._length])
+        self._keys, self._values, self._pos = new_k, new_v, new_p
 
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``(B, H_kv, T_new, D)`` keys/values; return views ``(B, H_kv, T_phys, D)`` of all tokens."""
         _check_kv(key, value)
+        b, h, t = key.shape[:3]
+        new_pos = new_positions(self.seen, t, valid, b, h, key.device)
         end = self._length + key.shape[2]
         keys, values = self._keys, self._values
         if keys is None or values is None or not self._length:
@@ -95,11 +103,12 @@ class DynamicLayer(CacheLayer):
             )
         elif end > keys.shape[2]:
             self._grow(key, value, end)
-        keys, values = self._keys, self._values
-        if keys is None or values is None:  # unreachable: _grow allocated them; keeps type checkers honest
+        keys, values, pos = self._keys, self._values, self._pos
+        if keys is None or values is None or pos is None:  # unreachable: _grow allocated them
             raise RuntimeError("DynamicLayer buffers missing after allocation")
         keys[:, :, self._length : end].copy_(key)
         values[:, :, self._length : end].copy_(value)
+        pos[:, :, self._length : end].copy_(new_pos)
         self.seen += end - self._length
         self._length = end
         return keys[:, :, :end], values[:, :, :end]
@@ -110,20 +119,34 @@ class DynamicLayer(CacheLayer):
         return self._keys[:, :, : self._length], self._values[:, :, : self._length]
 
     @property
+    def positions(self) -> torch.Tensor | None:
+        if self._pos is None or self._length == 0:
+            return None
+        return self._pos[:, :, : self._length]
+
+    @property
     def physical_length(self) -> int:
         return self._length
 
-    def keep(self, indices: torch.Tensor) -> None:
-        kv = self.keys_values()
-        if kv is None:
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self._keys is None else self._keys.device
+
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+        kv, pos = self.keys_values(), self.positions
+        if kv is None or pos is None:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
         keys, values = kv
-        idx = _sorted_slot_indices(indices, keys.shape[0], keys.shape[1], self._length)
-        n = idx.shape[-1]
+        idx, pos = _gather_positions(indices, invalid, pos)
         new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
         new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
         # The gathered tensors become the new buffers (capacity == n): evicting is for saving memory.
-        self._keys, self._values, self._length = new_k, new_v, n
+        self._keys, self._values, self._pos, self._length = new_k, new_v, pos, idx.shape[-1]
+        self.slots_remapped = True
 
     def index_batch(self, index: torch.Tensor) -> None:
         if self._keys is None or self._values is None:
@@ -133,6 +156,8 @@ class DynamicLayer(CacheLayer):
         # slots avoids a re-allocation on the very next update.
         self._keys = self._keys.index_select(0, index)
         self._values = self._values.index_select(0, index)
+        if self._pos is not None:
+            self._pos = self._pos.index_select(0, index)
 
     def crop(self, length: int) -> None:
         if length < 0 or length > self._length:
@@ -142,16 +167,15 @@ class DynamicLayer(CacheLayer):
         self._length = length
         self.seen = length
 
-    def nbytes(self) -> int:
-        if self._keys is None or self._values is None:
-            return 0
-        return self._keys.nbytes + self._values.nbytes
+    def memory(self) -> MemoryUse:
+        return _memory(self._keys, self._values, self._pos)
 
     def reset(self) -> None:
         # A growable store keeps nothing: the next prompt may have another batch size or length.
-        self._keys = self._values = None
+        self._keys = self._values = self._pos = None
         self._length = 0
         self.seen = 0
+        self.slots_remapped = False
 
 
 class StaticLayer(CacheLayer):
@@ -182,6 +206,8 @@ class StaticLayer(CacheLayer):
         (e.g. beam search expands the batch), the buffers are allocated again to match, once.
     """
 
+    capabilities = LayerCapabilities(croppable=True, keep_group=1, compileable=True)
+
     def __init__(
         self,
         capacity: int,
@@ -202,6 +228,8 @@ class StaticLayer(CacheLayer):
     def _allocate(self, b: int, h: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> None:
         self._keys = torch.zeros((b, h, self.capacity, dk), dtype=dtype, device=device)
         self._values = torch.zeros((b, h, self.capacity, dv), dtype=dtype, device=device)
+        # Logical index of each slot; -1 for unfilled slots, so a mask built from it hides them.
+        self._pos = torch.full((b, h, self.capacity), -1, dtype=POSITION_DTYPE, device=device)
         # Physical write position as a device tensor: a step computes its slots from it without a host sync.
         self._write_pos = torch.zeros((), dtype=torch.long, device=device)
         self._length = 0  # slots held (host copy of _write_pos, valid unless _stale)
@@ -213,7 +241,7 @@ class StaticLayer(CacheLayer):
         # Fixed addresses: mutating them in a compiled step must not count as mutating graph inputs
         # (which would make torch.compile skip CUDA graphs).
         if not torch.compiler.is_compiling():
-            for t in (self._keys, self._values, self._write_pos):
+            for t in (self._keys, self._values, self._pos, self._write_pos):
                 torch._dynamo.mark_static_address(t)
 
     # ----- lengths --------------------------------------------------------------------------------------
@@ -247,7 +275,8 @@ class StaticLayer(CacheLayer):
         return self.capacity
 
     # ----- the contract ---------------------------------------------------------------------------------
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``(B, H_kv, T_new, D)`` keys/values; return the full ``(B, H_kv, capacity, D)`` buffers.
 
         Raises
@@ -277,9 +306,11 @@ class StaticLayer(CacheLayer):
                     )
                 b, h, _, dk = key.shape
                 self._allocate(b, h, dk, value.shape[3], key.dtype, key.device)
-        positions = torch.arange(t, device=self._keys.device) + self._write_pos
-        self._keys.index_copy_(2, positions, key)
-        self._values.index_copy_(2, positions, value)
+        slots = torch.arange(t, device=self._keys.device) + self._write_pos
+        b, h = key.shape[:2]
+        self._keys.index_copy_(2, slots, key)
+        self._values.index_copy_(2, slots, value)
+        self._pos.index_copy_(2, slots, new_positions(self.seen_tensor(), t, valid, b, h, self._keys.device))
         self._write_pos.add_(t)
         if compiling:
             self._stale = True
@@ -294,38 +325,49 @@ class StaticLayer(CacheLayer):
         return self._keys[:, :, :held], self._values[:, :, :held]
 
     @property
+    def positions(self) -> torch.Tensor:
+        return self._pos
+
+    @property
     def batch_size(self) -> int:
         return self._keys.shape[0]
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
         return self._keys.device
 
-    def keep(self, indices: torch.Tensor) -> None:
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
         held = self._held()
         if held == 0:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
         keys, values = self._keys[:, :, :held], self._values[:, :, :held]
-        idx = _sorted_slot_indices(indices, keys.shape[0], keys.shape[1], held)
+        idx, pos = _gather_positions(indices, invalid, self._pos[:, :, :held])
         n = idx.shape[-1]
         new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
         new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
-        # Compact in place into the first n slots: the buffers keep their addresses.
+        # Compact in place into the first n slots: the buffers keep their addresses. Slots past them are
+        # unfilled again (-1), so no stale position can be attended.
         self._keys[:, :, :n].copy_(new_k)
         self._values[:, :, :n].copy_(new_v)
+        self._pos[:, :, :n].copy_(pos)
+        self._pos[:, :, n:].fill_(-1)
         self._evicted += held - n
         self._length = n
         self._write_pos.fill_(n)
+        self.slots_remapped = True
 
     def index_batch(self, index: torch.Tensor) -> None:
         index = index.to(self._keys.device)
         new_k = self._keys.index_select(0, index)
         new_v = self._values.index_select(0, index)
+        new_p = self._pos.index_select(0, index)
         if new_k.shape == self._keys.shape:
             # Same batch size (beam reorder): copy back so the buffer addresses stay fixed.
             self._keys.copy_(new_k)
             self._values.copy_(new_v)
+            self._pos.copy_(new_p)
         else:
-            self._keys, self._values = new_k, new_v
+            self._keys, self._values, self._pos = new_k, new_v, new_p
             self._mark_static()
 
     def crop(self, length: int) -> None:
@@ -336,23 +378,48 @@ class StaticLayer(CacheLayer):
             raise KVCacheError("crop() is only valid before any eviction (tokens seen != tokens held)")
         self._length = length
         self._write_pos.fill_(length)
+        self._pos[:, :, length:].fill_(-1)
 
-    def nbytes(self) -> int:
-        return self._keys.nbytes + self._values.nbytes
+    def memory(self) -> MemoryUse:
+        return _memory(self._keys, self._values, self._pos)
 
     def reset(self) -> None:
-        # Stale slots need no zeroing: the causal mask hides every slot past the tokens held.
+        # Stale K/V need no zeroing: their positions are -1, so every mask hides them.
         self._length = self._evicted = 0
         self._stale = False
         self._write_pos.zero_()
+        self._pos.fill_(-1)
+        self.slots_remapped = False
 
 
-def _sorted_slot_indices(indices: torch.Tensor, b: int, h: int, length: int) -> torch.Tensor:
-    """Validate ``(B, H_kv, n_keep)`` slot indices and return them sorted ascending (int64)."""
+def _gather_positions(indices: torch.Tensor, invalid: torch.Tensor | None,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``keep()``'s arguments against the held ``(B, H_kv, T)`` positions.
+
+    Returns the slot indices sorted ascending (int64) and the kept slots' positions, ``-1`` where
+    ``invalid`` says so.
+    """
+    b, h, length = positions.shape
     if indices.dim() != 3 or indices.shape[0] != b or indices.shape[1] != h:
         raise KVCacheError(
             f"keep() indices must be (B, H_kv, n_keep) = ({b}, {h}, n); got {tuple(indices.shape)}"
         )
     if indices.shape[2] > length:
         raise KVCacheError(f"keep() asked for {indices.shape[2]} slots but the layer holds {length}")
-    return indices.to(torch.long).sort(dim=-1).values
+    if invalid is not None and invalid.shape != indices.shape:
+        raise KVCacheError(
+            f"keep() invalid must match indices {tuple(indices.shape)}; got {tuple(invalid.shape)}"
+        )
+    indices = indices.to(device=positions.device, dtype=torch.long)
+    if invalid is not None:
+        # Sort the flags along with their slots.
+        idx, order = indices.sort(dim=-1)
+        pos = positions.gather(2, idx).masked_fill(invalid.to(positions.device).gather(2, order), -1)
+        return idx, pos
+    idx = indices.sort(dim=-1).values
+    return idx, positions.gather(2, idx)
+
+
+def _memory(*tensors: torch.Tensor | None) -> MemoryUse:
+    """Bytes of tensors resident where attention reads them (the compute device, CPU included)."""
+    return MemoryUse(device=sum(t.nbytes for t in tensors if t is not None))

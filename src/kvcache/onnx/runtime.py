@@ -10,29 +10,20 @@ the same on both runtimes.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from kvcache.cache import KVCache, model_cache_shape
-
-# the PyTorch loop's bookkeeping, shared so both runtimes validate, stop and report identically
-from kvcache.decoding import (
-    GenerationResult,
-    Rows,
-    cache_capacity,
-    check_arguments,
-    eos_ids,
-    left_pad,
-    stop_strings,
-)
+from kvcache.decoding import DecodeHooks, StepFunction, decode
 from kvcache.errors import KVCacheError
 from kvcache.models.load import load_tokenizer
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
+from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
+from kvcache.result import GenerationResult
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
 from kvcache.stopping import StopChecker
@@ -139,9 +130,19 @@ class OnnxGenerator:
             raise KVCacheError(f"past_mask covers {past_mask.shape[1]} slots but the cache holds "
                                f"{past[0][0].shape[2]}; pass one column per held slot")
         out = self.decoder.run(input_ids, torch.cat([past_mask, current_mask], dim=1), position_ids, past)
-        for store, (k, v) in zip(stores, out.presents, strict=True):
-            store.update(k[:, :, -seq:, :], v[:, :, -seq:, :])
+        for i, (k, v) in enumerate(out.presents):
+            cache.update(k[:, :, -seq:, :], v[:, :, -seq:, :], i)
+            cache.attention_reported(i)  # the graph attended with the slot mask passed above
         return out
+
+    def _step_function(self, cache: KVCache) -> StepFunction:
+        """The step function of :func:`kvcache.decoding.decode`: slot validity read off the cache."""
+
+        def run(input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            past_mask = _past_mask(cache, input_ids.shape[0])
+            return self.step(cache, input_ids, past_mask, valid.long(), positions).logits[:, -1, :]
+
+        return run
 
     # ----- generation -------------------------------------------------------------------------------
     def generate(
@@ -156,6 +157,7 @@ class OnnxGenerator:
         stop: str | list[str] | None = None,
         eos_token_id: int | list[int] | None = None,
         prefill_chunk_size: int = 512,
+        hooks: DecodeHooks | None = None,
     ) -> GenerationResult:
         """Generate a continuation of each prompt.
 
@@ -170,71 +172,49 @@ class OnnxGenerator:
         """
         texts = check_arguments(prompts, max_new_tokens, prefill_chunk_size)
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
-        checker = StopChecker(self.tokenizer, self._eos_ids(eos_token_id), stop_strings(stop))
+        eos, pad_id = special_tokens(eos_token_id, self.tokenizer, self.generation_config, self.config)
+        checker = StopChecker(self.tokenizer, eos, stop_strings(stop))
         vocab = self.decoder.signature.vocab_size or getattr(self.config, "vocab_size", None)
         input_ids, prompt_mask = left_pad(self.tokenizer, texts, vocab, owner="graph")
         batch, prompt_len = input_ids.shape
-
-        spec = self.spec
-        cache = KVCache.from_spec(spec, self.config, batch_size=batch,
+        cache = KVCache.from_spec(self.spec, self.config, batch_size=batch,
                                   max_cache_len=prompt_len + max_new_tokens, device="cpu",
                                   dtype=self.decoder.signature.dtype)
-        capacity = cache_capacity(cache, spec, prompt_len)
-        # Slot validity for every slot the run can fill: the prompt's mask, then one column per new token.
-        # Slots are filled in order (no retention policy evicts yet), so slot i holds token i.
-        slot_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
-        seen = torch.zeros(batch, dtype=torch.int64)  # real tokens seen per row: the logical length
+        return decode(self._step_function(cache), cache, input_ids, prompt_mask,
+                      max_new_tokens=max_new_tokens, sampler=sampler,
+                      generator=make_generator(seed, torch.device("cpu")), checker=checker, pad_id=pad_id,
+                      prefill_chunk_size=prefill_chunk_size, spec=self.spec, hooks=hooks)
 
-        def run(tokens: torch.Tensor, start: int) -> torch.Tensor:
-            """Feed ``tokens`` into slots ``start:start+S``; return the last position's ``(B, V)`` logits."""
-            mask = slot_mask[:, start : start + tokens.shape[1]]
-            positions = (seen[:, None] + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            seen.add_(mask.sum(-1))
-            return self.step(cache, tokens, slot_mask[:, :start], mask, positions).logits[:, -1, :]
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        """``generation_config.json`` beside the graph, when there is one (as for the PyTorch model)."""
+        if not (self._directory / "generation_config.json").is_file():
+            return None
+        return GenerationConfig.from_pretrained(self._directory)
 
-        generator = make_generator(seed, torch.device("cpu"))
-        rows = Rows(batch, checker)
-        pad_id = self._pad_id()
-        start = time.perf_counter()
-        for lo in range(0, prompt_len, prefill_chunk_size):
-            last = run(input_ids[:, lo : lo + prefill_chunk_size], lo)
-        next_tokens = sampler(last, generator)
-        rows.record(next_tokens.tolist())
-        peak = cache.nbytes()
-        prefill_end = time.perf_counter()
 
-        alive = rows.alive()
-        steps = 0
-        while steps + 1 < max_new_tokens and rows.running():
-            if capacity is not None and cache.physical_length() >= capacity:
-                rows.finish_all("capacity")
-                break
-            # Finished rows keep feeding the pad token so the batch stays rectangular.
-            step_input = torch.where(alive, next_tokens, pad_id)[:, None]
-            next_tokens = sampler(run(step_input, prompt_len + steps), generator)
-            steps += 1
-            done = rows.record(next_tokens.tolist())
-            if done:
-                alive[done] = False
-            peak = max(peak, cache.nbytes())
-        rows.finish_all("length")
-        end = time.perf_counter()
-        return rows.result(spec=spec, prompt_mask=prompt_mask, times=(start, prefill_end, end),
-                           decode_steps=steps, cache_bytes=cache.nbytes(), peak_cache_bytes=peak)
+def _past_mask(cache: KVCache, batch: int) -> torch.Tensor:
+    """``(B, T_phys)`` int64 validity of the held slots, as the graph's 2-D attention mask takes it.
 
-    def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
-        """End-of-sequence ids: the argument, else the config's, else the tokenizer's (as on PyTorch)."""
-        candidates: Any = eos_token_id
-        if candidates is None:
-            candidates = getattr(self.config, "eos_token_id", None)
-        if candidates is None:
-            candidates = getattr(self.tokenizer, "eos_token_id", None)
-        return eos_ids(candidates)
-
-    def _pad_id(self) -> int:
-        """The token fed to finished rows: the tokenizer's or config's pad token, else 0."""
-        for candidate in (getattr(self.tokenizer, "pad_token_id", None),
-                          getattr(self.config, "pad_token_id", None)):
-            if isinstance(candidate, int):
-                return candidate
-        return 0
+    The graph takes one mask for all heads and layers, so it serves caches whose slots hold the same tokens
+    in every head and layer (everything but per-head eviction, which the host cannot express to the graph).
+    """
+    stores = cache.stores
+    first = stores[0].positions
+    if first is None:
+        return torch.zeros(batch, 0, dtype=torch.long)
+    held = stores[0].physical_length
+    pos = first[:, :, :held]
+    for store in stores:
+        other = store.positions
+        if other is None or other.shape[-1] < held or not torch.equal(other[:, :, :held], pos):
+            raise KVCacheError(
+                "the cache holds different tokens per layer or per KV head, which an ONNX graph's 2-D "
+                "attention mask cannot express; run this spec on PyTorch"
+            )
+    if bool((pos != pos[:, :1]).any()):
+        raise KVCacheError(
+            "the cache holds different tokens per KV head, which an ONNX graph's 2-D attention mask cannot "
+            "express; run this spec on PyTorch"
+        )
+    return (pos[:, 0] >= 0).long()

@@ -1,0 +1,107 @@
+"""Building a layer's store from a cache spec: one builder per layout, one per wrapping kind.
+
+A spec names at most one layout (``dynamic``, ``static``), one precision (``quantized``) and one placement
+(``offload``). The layout's builder makes the inner store; the precision and placement builders, when
+given, wrap or replace it, in that order (what is stored, then where it lives). A kind without a builder
+here is not built yet and is refused with the parts that are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcache.errors import KVCacheError, UnsupportedSpecError
+from kvcache.layers.base import CacheLayer
+from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.spec import CacheSpec, SpecPart
+
+__all__ = ["LayerShape", "LAYOUTS", "WRAPPERS", "build_store"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a builder needs to know about one layer and the run.
+
+    Attributes
+    ----------
+    num_kv_heads, head_dim:
+        Of this layer.
+    batch_size:
+        Sequences per batch (times beams), for preallocated stores.
+    max_cache_len:
+        Prompt + new tokens, the capacity of a ``static`` layout given without ``capacity=N``.
+    device, dtype:
+        Of preallocated buffers.
+    """
+
+    num_kv_heads: int
+    head_dim: int
+    batch_size: int = 1
+    max_cache_len: int | None = None
+    device: torch.device | str | None = None
+    dtype: torch.dtype = torch.float32
+
+
+LayoutBuilder = Callable[[Mapping[str, Any], LayerShape], CacheLayer]
+WrapperBuilder = Callable[[CacheLayer, Mapping[str, Any], LayerShape], CacheLayer]
+
+
+def _dynamic(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
+    return DynamicLayer()
+
+
+def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
+    capacity = params.get("capacity") or shape.max_cache_len
+    if capacity is None:
+        raise KVCacheError(
+            "a static cache needs a capacity: write 'static:capacity=N' or pass max_cache_len=N "
+            "(prompt length + new tokens)"
+        )
+    return StaticLayer(capacity, shape.batch_size, shape.num_kv_heads, shape.head_dim, shape.dtype,
+                       shape.device)
+
+
+#: layout name -> builder of the store
+LAYOUTS: dict[str, LayoutBuilder] = {"dynamic": _dynamic, "static": _static}
+#: precision/placement name -> builder that wraps (or replaces) the layout's store; applied in kind order
+WRAPPERS: dict[str, WrapperBuilder] = {}
+_WRAP_ORDER = ("precision", "placement")
+
+
+def build_store(spec: CacheSpec, shape: LayerShape) -> CacheLayer:
+    """The store of one layer for ``spec``.
+
+    Raises
+    ------
+    UnsupportedSpecError
+        When a part of the spec has no builder in this release.
+    KVCacheError
+        When the parts' parameters do not fit the run (e.g. ``static`` without a capacity).
+    """
+    missing = [p.name for p in _storage_parts(spec) if p.name not in LAYOUTS and p.name not in WRAPPERS]
+    if missing:
+        raise UnsupportedSpecError(
+            f"the cache spec '{spec}' names {', '.join(missing)}, which this release cannot build; "
+            f"layouts built: {', '.join(LAYOUTS)}"
+            + (f"; wrappers built: {', '.join(WRAPPERS)}" if WRAPPERS else "")
+        )
+    store = LAYOUTS[spec.layout.name](spec.layout.params, shape)
+    for kind in _WRAP_ORDER:
+        part = getattr(spec, kind)
+        if part is not None:
+            store = WRAPPERS[part.name](store, part.params, shape)
+    return store
+
+
+def _storage_parts(spec: CacheSpec) -> list[SpecPart]:
+    """The parts that decide how K/V are stored: layout, then precision and placement when given."""
+    parts = [spec.layout]
+    for kind in _WRAP_ORDER:
+        part = getattr(spec, kind)
+        if part is not None:
+            parts.append(part)
+    return parts
