@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from kvcache.cli import app
-from kvcache.errors import CacheCapacityError, KVCacheError
+from kvcache.errors import CacheCapacityError, KVCacheError, UnsupportedSpecError
 from kvcache.generation import generate
 from kvcache.models.random import random_model
 from kvcache.models.tiny_tokenizer import tiny_tokenizer
@@ -118,6 +118,12 @@ def test_static_capacity_ends_generation(llama, tokenizer):
     assert [len(t) for t in ours.token_ids] == [5, 5]
     ref = generate(model, tokenizer, PROMPTS, cache=spec, max_new_tokens=20, eos_token_id=[])
     assert ours.token_ids == ref.token_ids and ours.finish_reasons == ref.finish_reasons
+
+
+def test_retention_policies_are_refused_until_built_for_onnx_runtime(llama):
+    # They need the graph's attention statistics and per-head masks: refused, not silently run as "recent".
+    with pytest.raises(UnsupportedSpecError, match="ONNX Runtime"):
+        OnnxGenerator(llama[1], cache="h2o:budget=0.5")
 
 
 def test_prompt_over_static_capacity_is_a_clear_error(llama):

@@ -14,7 +14,7 @@ the position offset that eviction creates), transformers' ``crop(-n)`` conventio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PretrainedConfig
@@ -25,6 +25,9 @@ from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.base import CacheLayer, MemoryUse
 from kvcache.layers.registry import LayerShape, build_store
 from kvcache.observe import AttentionObserver
+
+if TYPE_CHECKING:
+    from kvcache.policies.runner import PolicyRunner
 from kvcache.spec import CacheSpec
 
 __all__ = ["CACHE_KWARG", "KVCache", "HFCacheLayer", "model_cache_shape"]
@@ -212,6 +215,8 @@ class KVCache(Cache):
         super().__init__(layers=list(self._adapters))
         self.spec = CacheSpec.parse(spec)
         self.observer: AttentionObserver | None = None
+        #: the retention policy's runner (``None`` for ``full``); it is also the observer
+        self.policy: PolicyRunner | None = None
         self._valid: torch.Tensor | None = None  # (B, T_new) validity of the tokens of this forward
         self._announced = False  # begin_forward announced this forward's validity (kvcache's own driver)
         self._awaiting: int | None = None  # a layer whose attention must still report in this forward
@@ -264,7 +269,18 @@ class KVCache(Cache):
             build_store(spec, LayerShape(heads, dim, batch_size, max_cache_len, device, dtype))
             for heads, dim in zip(num_kv_heads, head_dims, strict=True)
         ]
-        return cls(stores, spec)
+        if spec.policy.name == "full":
+            return cls(stores, spec)
+        # A retention policy: its state rides on every store, and its runner observes attention.
+        from kvcache.policies import POLICIES
+        from kvcache.policies.layer import PolicyLayer
+        from kvcache.policies.runner import PolicyRunner
+
+        wrapped = [PolicyLayer(store) for store in stores]
+        cache = cls(wrapped, spec)
+        cache.policy = PolicyRunner(POLICIES[spec.policy.name].from_params(spec.policy.params), wrapped)
+        cache.observer = cache.policy
+        return cache
 
     # ----- the Cache protocol ------------------------------------------------------------------------
     def update(
@@ -296,6 +312,15 @@ class KVCache(Cache):
         if self.needs_attention_report(layer_idx):
             self._awaiting = layer_idx
         return out
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of ``layer_idx`` for the next forward (transformers asks before any
+        layer runs). A retention policy driven by ``model.generate`` evicts now, so masks fit what is held."""
+        if self.policy is not None:
+            self.policy.before_forward(compat.query_length(query_length))
+        if layer_idx >= len(self._adapters):
+            return compat.query_length(query_length), 0
+        return self._adapters[layer_idx].get_mask_sizes(query_length)
 
     # ----- transformers >= 5.13 API, the same on every supported release -------------------------------
     @property

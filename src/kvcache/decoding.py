@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 
 from kvcache.cache import KVCache
 from kvcache.errors import CacheCapacityError
+from kvcache.hooks import DecodeHooks
 from kvcache.result import GenerationResult, GenerationStats
 from kvcache.sampling import Sampler
 from kvcache.spec import CacheSpec
@@ -38,25 +38,6 @@ class StepFunction(Protocol):
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` token ids, ``(B, S)`` int64 logical positions, ``(B, S)`` bool validity -> the
         ``(B, V)`` logits of the last position."""
-
-
-@dataclass
-class DecodeHooks:
-    """Where a retention policy acts; each hook gets the cache, between forwards.
-
-    Attributes
-    ----------
-    after_prefill_chunk:
-        After each prefill chunk (a long prompt can be compressed while it streams in).
-    after_prefill:
-        Once, after the last prefill chunk and before the first token is sampled.
-    after_step:
-        After each decode step's forward.
-    """
-
-    after_prefill_chunk: Callable[[KVCache], None] | None = None
-    after_prefill: Callable[[KVCache], None] | None = None
-    after_step: Callable[[KVCache], None] | None = None
 
 
 def check_prompt_fits(cache: KVCache, spec: CacheSpec, prompt_len: int) -> None:

@@ -13,14 +13,17 @@ positions as when run alone; the 2-D mask given to the model spans every logical
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kvcache import compat
+from kvcache.attention import enable
 from kvcache.cache import CACHE_KWARG, KVCache
-from kvcache.decoding import PROGRESS_MIN_TOKENS, DecodeHooks, decode
+from kvcache.decoding import PROGRESS_MIN_TOKENS, decode
+from kvcache.hooks import DecodeHooks, chain
 from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
 from kvcache.result import GenerationResult, GenerationStats
 from kvcache.sampling import Sampler, make_generator
@@ -107,7 +110,14 @@ def generate(
     kv = KVCache.from_spec(spec, model.config, batch_size=batch, max_cache_len=prompt_len + max_new_tokens,
                            device=device, dtype=dtype)
     step = TorchStep(model, kv, batch, max_columns=prompt_len + max_new_tokens)
-    with torch.inference_mode():
+    attention: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if kv.policy is not None:
+        # A policy reads attention statistics and/or leaves per-head selections that only the kvcache
+        # attention function can mask: switch the model to it for this call.
+        kv.policy.start(prompt_lengths=attention_mask.sum(-1), max_new_tokens=max_new_tokens, seed=seed)
+        hooks = chain(kv.policy.hooks(), hooks)
+        attention = enable(model)
+    with torch.inference_mode(), attention:
         return decode(step, kv, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler,
                       generator=make_generator(seed, device), checker=checker, pad_id=pad_id,
                       prefill_chunk_size=prefill_chunk_size, spec=spec, hooks=hooks, progress=progress)

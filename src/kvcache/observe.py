@@ -15,6 +15,7 @@ a decode step) or at the start of the next ``update``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -38,11 +39,15 @@ class StatsRequest:
         ``(B, H, T_kv)``.
     last:
         Rows kept by ``rows="last"``.
+    transform:
+        Applied to the ``(B, H, T_q, T_kv)`` values before the rows are selected or summed (e.g. Keyformer's
+        Gumbel-perturbed softmax of the logits), so the full matrix never leaves the layer's call.
     """
 
     values: Literal["weights", "logits"] = "weights"
     rows: Literal["all", "last", "sum"] = "all"
     last: int = 1
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.values not in ("weights", "logits"):
@@ -78,6 +83,8 @@ def select_rows(request: StatsRequest, values: torch.Tensor,
     query_valid:
         ``(B, T_q)`` bool, False for padding queries (left out of ``"sum"``); ``None``: all real.
     """
+    if request.transform is not None:
+        values = request.transform(values)
     if request.rows == "all":
         return values
     if request.rows == "last":

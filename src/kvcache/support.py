@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
+
+from kvcache.params import ParamInfo, format_value
+from kvcache.policies import POLICIES
 
 KINDS: tuple[str, ...] = ("layout", "precision", "placement", "policy")
 
@@ -21,22 +23,6 @@ ARCHITECTURE_NOTE = (
     "PyTorch generation: any Hugging Face decoder whose attention goes through transformers' "
     "attention interface; tested on the architectures listed."
 )
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    """One ``key=value`` parameter of a spec part.
-
-    ``type`` is ``"int"``, ``"float"`` or ``"range"`` (two floats written ``START-END``). ``check`` tells
-    whether a typed value is allowed; ``constraint`` says the same in words for error messages and docs.
-    """
-
-    name: str
-    type: Literal["int", "float", "range"]
-    default: Any
-    constraint: str
-    check: Callable[[Any], bool]
-    description: str
 
 
 @dataclass(frozen=True)
@@ -52,65 +38,9 @@ class KindInfo:
     validate: Callable[[dict[str, Any]], None] | None = None
 
 
-def fmt_float(x: float) -> str:
-    """Shortest round-tripping text of ``x``, never in exponent form ("1e-05" is ambiguous in ranges)."""
-    text = repr(float(x))
-    if "e" in text:  # repr's digits are the shortest that round-trip; only the notation changes
-        text = format(Decimal(text), "f")
-    return text if "." in text else text + ".0"
-
-
-def format_value(param: ParamInfo, value: Any) -> str:
-    """The canonical text of a parameter value (as it appears after ``key=``)."""
-    if param.type == "int":
-        return str(value)
-    if param.type == "float":
-        return fmt_float(value)
-    return f"{fmt_float(value[0])}-{fmt_float(value[1])}"
-
-
 def _power_of_two(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
 
-
-_BUDGET = ParamInfo(
-    "budget",
-    "float",
-    0.5,
-    "a fraction in (0, 1]",
-    lambda v: 0 < v <= 1,
-    "tokens kept, as a fraction of the prompt length (give budget or tokens, not both)",
-)
-_TOKENS = ParamInfo(
-    "tokens",
-    "int",
-    None,
-    "a whole number >= 1",
-    lambda v: v >= 1,
-    "tokens kept, as an absolute cap (replaces budget)",
-)
-
-
-def _window(default: float) -> ParamInfo:
-    return ParamInfo(
-        "window",
-        "float",
-        default,
-        "a fraction in [0, 1)",
-        lambda v: 0 <= v < 1,
-        "share of the kept tokens reserved for the most recent ones",
-    )
-
-
-def _check_streaming(params: dict[str, Any]) -> None:
-    if params["tokens"] is not None and params["sinks"] >= params["tokens"]:
-        raise ValueError(
-            f"sinks={params['sinks']} leaves no room for recent tokens under tokens={params['tokens']}; "
-            "use fewer sinks or a larger tokens cap"
-        )
-
-
-_POLICY_BUDGET = (_BUDGET, _TOKENS)
 
 _KIND_LIST: tuple[KindInfo, ...] = (
     KindInfo("dynamic", "layout", "growable full-precision store (the default)", available=True),
@@ -156,64 +86,9 @@ _KIND_LIST: tuple[KindInfo, ...] = (
     ),
     KindInfo("offload", "placement", "keep K/V in host memory, prefetch the next layer ahead of use"),
     KindInfo("full", "policy", "keep every token (the default)", available=True),
-    KindInfo(
-        "keyformer",
-        "policy",
-        "key tokens by a Gumbel-regularised accumulated attention score + recent window",
-        (
-            *_POLICY_BUDGET,
-            _window(0.3),
-            ParamInfo(
-                "tau",
-                "range",
-                (1.0, 2.0),
-                "numbers > 0, START-END or one value",
-                lambda v: v[0] > 0 and v[1] > 0,
-                "Gumbel-softmax temperature, from tau_init at the prompt to tau_end at the last new token",
-            ),
-        ),
-    ),
-    KindInfo(
-        "h2o",
-        "policy",
-        "heavy hitters (accumulated attention) + recent window",
-        (*_POLICY_BUDGET, _window(0.1)),
-    ),
-    KindInfo(
-        "streaming",
-        "policy",
-        "StreamingLLM: first sink tokens + recent window",
-        (
-            *_POLICY_BUDGET,
-            ParamInfo(
-                "sinks",
-                "int",
-                4,
-                "a whole number >= 0",
-                lambda v: v >= 0,
-                "first tokens always kept (attention sinks)",
-            ),
-        ),
-        validate=_check_streaming,
-    ),
-    KindInfo(
-        "snapkv",
-        "policy",
-        "SnapKV: attention of the last prompt queries, pooled, picks tokens per head",
-        (
-            *_POLICY_BUDGET,
-            ParamInfo(
-                "observe",
-                "int",
-                32,
-                "a whole number >= 1",
-                lambda v: v >= 1,
-                "last prompt queries whose attention selects the tokens",
-            ),
-        ),
-    ),
-    KindInfo("tova", "policy", "TOVA: evict the token the current query attends to least", _POLICY_BUDGET),
-    KindInfo("knorm", "policy", "keep the tokens whose keys have the lowest norm", _POLICY_BUDGET),
+    # Each policy declares its own parameters (kvcache/policies/); the registry reads them from there.
+    *(KindInfo(cls.name, "policy", cls.description, cls.params, available=True, validate=cls.validate)
+      for cls in POLICIES.values()),
 )
 
 REGISTRY: Mapping[str, KindInfo] = {k.name: k for k in _KIND_LIST}

@@ -142,10 +142,18 @@ class DynamicLayer(CacheLayer):
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
         keys, values = kv
         idx, pos = _gather_positions(indices, invalid, pos)
-        new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
-        new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
-        # The gathered tensors become the new buffers (capacity == n): evicting is for saving memory.
-        self._keys, self._values, self._pos, self._length = new_k, new_v, pos, idx.shape[-1]
+        n = idx.shape[-1]
+        # New buffers sized to what is kept (evicting is for saving memory), plus a little headroom so a
+        # policy that evicts at every step or every few steps does not re-allocate in between.
+        headroom = max(1, min(self.min_growth, n // 8 + 1))
+        b, h, _, dk = keys.shape
+        new_k = keys.new_empty((b, h, n + headroom, dk))
+        new_v = values.new_empty((b, h, n + headroom, values.shape[-1]))
+        new_p = pos.new_empty((b, h, n + headroom))
+        new_k[:, :, :n] = keys.gather(2, idx[..., None].expand(-1, -1, -1, dk))
+        new_v[:, :, :n] = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+        new_p[:, :, :n] = pos
+        self._keys, self._values, self._pos, self._length = new_k, new_v, new_p, n
         self.slots_remapped = True
 
     def index_batch(self, index: torch.Tensor) -> None:

@@ -18,8 +18,9 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from kvcache.cache import KVCache, model_cache_shape
-from kvcache.decoding import DecodeHooks, StepFunction, decode
-from kvcache.errors import KVCacheError
+from kvcache.decoding import StepFunction, decode
+from kvcache.errors import KVCacheError, UnsupportedSpecError
+from kvcache.hooks import DecodeHooks
 from kvcache.models.load import load_tokenizer
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
 from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
@@ -69,6 +70,11 @@ class OnnxGenerator:
         self._directory = directory
         self.spec = CacheSpec.parse(cache)
         self.spec.require_available()
+        if self.spec.policy.name != "full":
+            raise UnsupportedSpecError(
+                f"retention policies ({self.spec.policy.name}) do not run on ONNX Runtime yet: they need the "
+                "graph's attention statistics and per-head masks; run this spec with `kvcache generate`"
+            )
         self.decoder = DecoderSession(graph, providers=providers, threads=threads,
                                       session_options=session_options)
         self.graph_path = graph
