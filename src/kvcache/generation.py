@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvcache import compat
+from kvcache import compat, validate
 from kvcache.cache import OBSERVER_KWARG, KVCache
 from kvcache.decoding import (
     GenerationResult,
@@ -31,6 +31,7 @@ from kvcache.decoding import (
     stop_strings,
 )
 from kvcache.errors import CacheCapacityError
+from kvcache.resources import check_fits
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
 from kvcache.stopping import StopChecker
@@ -100,6 +101,7 @@ def generate(
     ValueError
         For invalid arguments (empty prompt list, ``max_new_tokens < 1``, bad sampling settings, ...).
     """
+    validate.check_model(model, tokenizer)
     prompt_list = check_arguments(prompts, max_new_tokens, prefill_chunk_size)
     spec = CacheSpec.parse(cache)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -112,6 +114,8 @@ def generate(
     batch, prompt_len = input_ids.shape
     forward_kwargs = _ForwardKwargs(model)
 
+    check_fits(model.config, spec, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+               device=device, dtype=dtype)
     kv = KVCache.from_spec(spec, model.config, batch_size=batch, max_cache_len=prompt_len + max_new_tokens,
                            device=device, dtype=dtype)
     capacity = cache_capacity(kv, spec, prompt_len)

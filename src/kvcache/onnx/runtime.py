@@ -32,7 +32,9 @@ from kvcache.decoding import (
 )
 from kvcache.errors import KVCacheError
 from kvcache.models.load import load_tokenizer
+from kvcache.onnx.provenance import check_config_matches
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
+from kvcache.resources import check_fits
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
 from kvcache.stopping import StopChecker
@@ -80,6 +82,7 @@ class OnnxGenerator:
         self.spec.require_available()
         self.decoder = DecoderSession(graph, providers=providers, threads=threads,
                                       session_options=session_options)
+        check_config_matches(self.decoder.signature, config, graph)
         self.graph_path = graph
 
     @property
@@ -176,6 +179,8 @@ class OnnxGenerator:
         batch, prompt_len = input_ids.shape
 
         spec = self.spec
+        check_fits(self.config, spec, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                   device="cpu", dtype=self.decoder.signature.dtype)
         cache = KVCache.from_spec(spec, self.config, batch_size=batch,
                                   max_cache_len=prompt_len + max_new_tokens, device="cpu",
                                   dtype=self.decoder.signature.dtype)
