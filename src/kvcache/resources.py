@@ -124,9 +124,6 @@ def check_fits(config: Any, spec: Any, *, batch: int, prompt_len: int, max_new_t
     if context is not None and prompt_len > context:
         raise KVCacheError(f"the prompt has {prompt_len} tokens (left padding included) but the model's "
                            f"context is {context} tokens; shorten the prompt")
-    if context is not None and prompt_len + max_new_tokens > context:
-        warnings.warn(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                      f"context of {context} tokens; text generated past it is unreliable", stacklevel=3)
     need, knob = estimate_bytes(config, spec, batch=batch, prompt_len=prompt_len,
                                 max_new_tokens=max_new_tokens, dtype=dtype)
     free = available_memory(device)
@@ -136,3 +133,6 @@ def check_fits(config: Any, spec: Any, *, batch: int, prompt_len: int, max_new_t
             f"{prompt_len} prompt + {max_new_tokens} new tokens) but {torch.device(device)} has "
             f"{human_bytes(free)} free; lower {knob}, or bound the cache with a retention policy (e.g. "
             "h2o:budget=0.25)")
+    if context is not None and prompt_len + max_new_tokens > context:
+        warnings.warn(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                      f"context of {context} tokens; text generated past it is unreliable", stacklevel=3)

@@ -270,8 +270,8 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     out:
         Output file, or a directory to write ``<name>_kvcache.onnx`` in; default ``<name>_kvcache.onnx``
         beside the input. Written to a temporary file first, then moved in place with ``os.replace``.
-        When ``out`` is in another directory, external-data files are copied beside it, and so are the
-        config and tokenizer files when ``out`` names a directory or its directory is new.
+        When ``out`` is in another directory, the external-data, config and tokenizer files it needs are
+        copied beside it (files already there are never replaced; a different weights file is refused).
     attention_stats:
         See :class:`KVCacheInjector`.
     force:
@@ -297,7 +297,6 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
         raise KVCacheError(f"{src} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     model = injector.apply(model)
     provenance.record(model, src)
-    new_dir = not dest.parent.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
     _place_external(model, src.parent.resolve(), dest.parent.resolve())
     try:
@@ -306,7 +305,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
             onnx.checker.check_model(str(tmp))
     except onnx.checker.ValidationError as exc:
         raise KVCacheError(f"the injected graph failed onnx.checker: {exc}") from exc
-    if dest.parent.resolve() != model_dir.resolve() and (named_dir or new_dir):
+    if dest.parent.resolve() != model_dir.resolve():
         for name in _SIDE_FILES:
             if (model_dir / name).is_file() and not (dest.parent / name).exists():
                 copy_atomic(model_dir / name, dest.parent / name)

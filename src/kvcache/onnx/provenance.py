@@ -74,10 +74,10 @@ def verify_source(graph: Path, source: Path | None = None) -> None:
     if not path.is_file() or path.resolve() == graph.resolve():
         return
     if sha256_file(path) != digest:
+        where = f"{path}" if source is not None else f"the {name} now beside it"
         raise KVCacheError(
-            f"{graph} was injected from a different {name} than the {path} now beside it (sha256 "
-            f"{digest[:12]}... recorded); it belongs to an earlier export: inject again with "
-            f"`kvcache onnx inject {path}`")
+            f"{graph} was injected from another graph than {where} (sha256 {digest[:12]}... recorded): it "
+            f"belongs to an earlier export; inject again with `kvcache onnx inject {path}`")
 
 
 def check_config_matches(signature: Any, config: Any, graph: Path) -> None:
