@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bad_input_workspace
 import pytest
 from transformers import PretrainedConfig
 
-import bad_input_workspace
 from kvcache import KVCache, generate
 from kvcache.models import load
 from kvcache.onnx.check import check_graph
@@ -78,14 +78,17 @@ CASES: list[tuple[str, Any, str]] = [
     ("cache for no config", lambda c: KVCache.from_spec("dynamic", None), "PretrainedConfig"),
     ("cache batch zero", lambda c: KVCache.from_spec("dynamic", c.model.config, batch_size=0), "batch_size"),
     ("onnx generator on None", lambda c: OnnxGenerator(None), "must be a path"),
-    ("onnx generator on a stale graph", lambda c: OnnxGenerator(c.ws / "stale"), "injected from another graph"),
+    ("onnx generator on a stale graph", lambda c: OnnxGenerator(c.ws / "stale"),
+     "injected from another graph"),
     ("onnx generator negative threads", lambda c: OnnxGenerator(c.ws / "exp", threads=-3), "threads"),
     ("onnx generate float tokens", lambda c: OnnxGenerator(c.ws / "exp").generate("hi", max_new_tokens=2.5),
      "max_new_tokens must be an integer"),
     ("inject onto its input", lambda c: inject_file(c.ws / "exp" / "model.onnx", c.ws / "exp" / "model.onnx"),
      "is the input graph"),
-    ("inject onto an unrelated file", lambda c: inject_file(c.ws / "exp", c.ws / "notes.txt"), "is not a graph"),
-    ("export into a non-empty directory", lambda c: export_model(c.model, c.ws / "exp"), "already holds files"),
+    ("inject onto an unrelated file", lambda c: inject_file(c.ws / "exp", c.ws / "notes.txt"),
+     "is not a graph"),
+    ("export into a non-empty directory", lambda c: export_model(c.model, c.ws / "exp"),
+     "already holds files"),
     ("export with a bad opset", lambda c: export_model(c.model, c.ws / "new", opset=5), "opset 14 to 20"),
     ("check a stale graph", lambda c: check_graph(c.ws / "stale" / "model.onnx", c.ws / "stale"),
      "injected from another graph"),

@@ -9,10 +9,10 @@ argument is the workspace folder (see ``bad_input_workspace``). The commands run
 
 from __future__ import annotations
 
+import bad_input_workspace
 import pytest
 from typer.testing import CliRunner
 
-import bad_input_workspace
 from kvcache.cli import app
 from kvcache.cli_errors import MAX_MESSAGE
 
@@ -60,7 +60,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("54 KB spec", [*G, "{ws}/llama", "-c", HUGE_SPEC], 2, "error:"),
     ("prompt not utf-8", ["generate", "hi\udcff", "-m", "{ws}/llama"], 2, "not valid UTF-8"),
     ("prompt over the context", ["generate", LONG_PROMPT, "-m", "{ws}/llama", "-n", "2"], 2, "context is 64"),
-    ("prompt over a static capacity", [*G, "{ws}/llama", "-c", "static:capacity=2"], 2, "raise static:capacity"),
+    ("prompt over a static capacity", [*G, "{ws}/llama", "-c", "static:capacity=2"], 2,
+     "raise static:capacity"),
     ("unknown option", [*G, "{ws}/llama", "--frobnicate"], 2, "no such option"),
     ("missing prompt", ["generate"], 2, "missing argument"),
     # ----- kvcache info ------------------------------------------------------------------------------
@@ -68,7 +69,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("info unknown option", ["info", "--yaml"], 2, "no such option"),
     ("unknown command", ["frobnicate"], 2, "no such command"),
     # ----- kvcache onnx export -----------------------------------------------------------------------
-    ("export into a non-empty directory", [*EXPORT, "{ws}/llama", "--out", "{ws}/exp"], 2, "already holds files"),
+    ("export into a non-empty directory", [*EXPORT, "{ws}/llama", "--out", "{ws}/exp"], 2,
+     "already holds files"),
     ("export onto a file", [*EXPORT, "{ws}/llama", "--out", "{ws}/notes.txt"], 2, "is a file"),
     ("export under a file", [*EXPORT, "{ws}/llama", "--out", "{ws}/afile/sub"], 2, "cannot create"),
     ("export over its own model", [*EXPORT, "{ws}/llama", "--out", "{ws}/llama", "--force"], 2,
@@ -94,7 +96,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
      "is not a graph"),
     ("inject onto a config", ["onnx", "inject", "{ws}/exp", "--out", "{ws}/exp/config.json"], 2,
      "is not a graph"),
-    ("inject an injected graph", ["onnx", "inject", "{ws}/exp/model_kvcache.onnx"], 2, "already has a KV cache"),
+    ("inject an injected graph", ["onnx", "inject", "{ws}/exp/model_kvcache.onnx"], 2,
+     "already has a KV cache"),
     ("inject random bytes", ["onnx", "inject", "{ws}/noise"], 2, "not a readable ONNX model"),
     ("inject an encoder", ["onnx", "inject", "{ws}/bertonnx"], 2, "encoder model"),
     ("inject with another model's config", ["onnx", "inject", "{ws}/mismatch/model.onnx", "--out",

@@ -99,7 +99,7 @@ def check_inject_destination(dest: Path, src: Path, *, force: bool) -> None:
     """
     if dest.exists() and dest.resolve() == src.resolve():
         raise KVCacheError(f"--out {dest} is the input graph; it is overwritten only with --force "
-                           "(force=True): give another file name (default: <name>_kvcache.onnx beside the input)")
+                           "(force=True): give another file name (default: <name>_kvcache.onnx beside it)")
     if dest.is_dir():
         raise KVCacheError(f"--out {dest} is a directory; give a file name")
     if dest.exists() and not force and not is_injected_graph(dest):
