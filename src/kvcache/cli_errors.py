@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import os
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import click
 import typer
 
 #: longest error line printed; the rest is cut (``--debug`` shows the whole exception)
@@ -94,8 +94,18 @@ def debug_enabled() -> bool:
     """``--debug`` given to the root command, or ``KVCACHE_DEBUG`` set to a true value."""
     if os.environ.get("KVCACHE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
         return True
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
+
+
+def _current_context() -> Any:
+    """The running command's click context, from the click typer uses (recent typers vendor their own)."""
+    click_core = typer.Context.__mro__[1].__module__  # "click.core" or "typer._click.core"
+    package = click_core.rsplit(".", 1)[0]
+    try:
+        return importlib.import_module(f"{package}.globals").get_current_context(silent=True)
+    except (ImportError, AttributeError):
+        return None
 
 
 def guarded(command: F) -> F:
@@ -109,12 +119,14 @@ def guarded(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # the boundary: every other failure is reported, none escapes as a traceback
+            if hasattr(exc, "exit_code") and hasattr(exc, "show"):
+                raise  # a click usage error (typer.BadParameter, ...): click prints it the usual way
             code, message = classify(exc)
             if debug_enabled():
                 traceback.print_exc()
