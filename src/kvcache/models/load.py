@@ -172,6 +172,7 @@ def _from_pretrained(source: str, device: torch.device | None, dtype: torch.dtyp
                     f"could not download model {source!r} from the Hugging Face Hub: {_first_line(err)}; "
                     "check the id (and access token for gated models), or pass a local model directory"
                 ) from err
+    validate.check_decoder(model.config)  # hub models too (local ones were checked before loading)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
