@@ -83,7 +83,7 @@ def test_bad_exporter_options(tmp_path: Path) -> None:
     model = random_model("gpt2", **onnx_fixtures.TINY)
     with pytest.raises(KVCacheError, match="unknown exporter"):
         export_model(model, tmp_path / "x", exporter="tracer")  # type: ignore[arg-type]
-    with pytest.raises(KVCacheError, match="opset >= 18"):
+    with pytest.raises(KVCacheError, match="opset 18 to"):
         export_model(model, tmp_path / "x", exporter="dynamo", opset=17)
     assert not (tmp_path / "x" / "model.onnx").exists()
 

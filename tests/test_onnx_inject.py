@@ -237,7 +237,11 @@ def test_default_output_name_and_atomic_overwrite(onnx_exports, tmp_path: Path) 
     out = inject_file(work / "model.onnx")
     assert out == work / "model_kvcache.onnx" and (work / "model.onnx").exists()
     # overwriting the input only when asked, and nothing temporary left behind
-    again = inject_file(work / "model.onnx", work / "model.onnx")
+    with pytest.raises(KVCacheError, match="is the input graph"):
+        inject_file(work / "model.onnx", work / "model.onnx")
+    # --out naming the input's own directory writes <stem>_kvcache.onnx there (an earlier output is replaced)
+    assert inject_file(work / "model.onnx", work) == out
+    again = inject_file(work / "model.onnx", work / "model.onnx", force=True)
     assert again == work / "model.onnx"
     assert any(i.name == names.past_key(0) for i in onnx.load(str(again)).graph.input)
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
@@ -260,7 +264,7 @@ def test_corrupt_file(onnx_exports, tmp_path: Path) -> None:
 def test_already_injected_graph(onnx_exports, tmp_path: Path) -> None:
     work = tmp_path / "m"
     shutil.copytree(onnx_exports.get("llama"), work)
-    inject_file(work / "model.onnx", work / "model.onnx")
+    inject_file(work / "model.onnx", work / "model.onnx", force=True)
     before = {p.name for p in work.iterdir()}
     with pytest.raises(KVCacheError, match="already has a KV cache"):
         inject_file(work / "model.onnx")

@@ -115,7 +115,8 @@ def _runner_layer(name: str, keys: torch.Tensor, positions_valid: torch.Tensor |
 def test_knorm_keydiff_streaming_scores_by_hand() -> None:
     keys = torch.tensor([[[[3., 0.], [1., 0.], [0., 2.], [2., 2.], [0.5, 0.]]]])  # (1, 1, 5, 2)
     runner, layer = _runner_layer("knorm", keys, tokens=2)
-    assert torch.allclose(runner.policy.score(runner, layer), -torch.tensor([[[3., 1., 2., math.sqrt(8), .5]]]))
+    norms = torch.tensor([[[3., 1., 2., math.sqrt(8), .5]]])
+    assert torch.allclose(runner.policy.score(runner, layer), -norms)
     runner, layer = _runner_layer("keydiff", keys, tokens=2)
     unit = torch.nn.functional.normalize(keys[0, 0], dim=-1)
     anchor = torch.nn.functional.normalize(unit.mean(0), dim=0)
@@ -173,10 +174,11 @@ def test_physical_length_holds_the_budget_after_prefill_and_every_step(llama, to
     assert seen[0][0] == "prefill" and all(n == budget for n in seen[0][1])
     steps = [s for s in seen if s[0] == "step"]
     assert len(steps) == 9
+    full = generate(llama, tokenizer, PROMPTS, max_new_tokens=10, eos_token_id=[])
     for _, held, nbytes in steps:
         assert all(n <= budget + every - 1 for n in held), (name, every, held)
+        assert nbytes < full.stats.cache_bytes  # memory is really freed, at every step
     assert max(n for _, held, _ in steps for n in held) == budget + every - 1
-    full = generate(llama, tokenizer, PROMPTS, max_new_tokens=10, eos_token_id=[])
     assert result.stats.cache_bytes < full.stats.cache_bytes
 
 
@@ -192,8 +194,8 @@ def test_left_padded_batch_equals_each_row_alone(tokenizer, arch: str) -> None:
 
 
 def test_keyformer_is_reproducible_with_a_seed_and_differs_across_seeds(llama, tokenizer) -> None:
-    runs = [generate(llama, tokenizer, PROMPTS, cache="keyformer:tokens=3", max_new_tokens=12, eos_token_id=[],
-                     seed=s).token_ids for s in (0, 0, 1, 2, 3)]
+    runs = [generate(llama, tokenizer, PROMPTS, cache="keyformer:tokens=3", max_new_tokens=12,
+                     eos_token_id=[], seed=s).token_ids for s in (0, 0, 1, 2, 3)]
     assert runs[0] == runs[1]
     assert any(r != runs[0] for r in runs[2:])  # the noise does steer the selection
 
@@ -203,7 +205,8 @@ def test_a_long_prompt_is_compressed_while_it_streams_in(llama, tokenizer) -> No
     prompt = " ".join(["word"] * 300)
     result = generate(llama, tokenizer, prompt, cache="h2o:tokens=32", max_new_tokens=4, eos_token_id=[],
                       prefill_chunk_size=64,
-                      hooks=DecodeHooks(after_prefill_chunk=lambda c: after_chunk.append(c.physical_length())))
+                      hooks=DecodeHooks(after_prefill_chunk=lambda c: after_chunk.append(
+                          c.physical_length())))
     assert len(after_chunk) >= 4 and max(after_chunk) <= 32
     full = generate(llama, tokenizer, prompt, max_new_tokens=4, eos_token_id=[], prefill_chunk_size=64)
     # never more than budget + one chunk (+ the dynamic layer's headroom) in memory, against the whole prompt
@@ -212,7 +215,8 @@ def test_a_long_prompt_is_compressed_while_it_streams_in(llama, tokenizer) -> No
 
 @pytest.mark.parametrize("name", ["h2o", "keydiff", "tova"])
 def test_static_layout_gives_the_dynamic_tokens(llama, tokenizer, name: str) -> None:
-    dynamic = generate(llama, tokenizer, PROMPTS, cache=f"{name}:budget=0.5", max_new_tokens=8, eos_token_id=[])
+    dynamic = generate(llama, tokenizer, PROMPTS, cache=f"{name}:budget=0.5", max_new_tokens=8,
+                       eos_token_id=[])
     static = generate(llama, tokenizer, PROMPTS, cache=f"{name}:budget=0.5+static", max_new_tokens=8,
                       eos_token_id=[])
     assert static.token_ids == dynamic.token_ids

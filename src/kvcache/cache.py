@@ -20,7 +20,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcache import compat
+from kvcache import compat, validate
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.base import CacheLayer, MemoryUse
 from kvcache.layers.registry import LayerShape, build_store
@@ -261,6 +261,7 @@ class KVCache(Cache):
         """
         spec = CacheSpec.parse(spec)
         spec.require_available()
+        validate.check_cache_arguments(config, batch_size, max_cache_len, device)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise KVCacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         num_layers, num_kv_heads, head_dims = model_cache_shape(config)

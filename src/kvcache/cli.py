@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from kvcache import cli_options as opts
+from kvcache.cli_errors import guarded
 from kvcache.onnx.cli import app as onnx_app
 
 app = typer.Typer(
@@ -17,7 +18,19 @@ app = typer.Typer(
 app.add_typer(onnx_app, name="onnx")
 
 
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", envvar="KVCACHE_DEBUG",
+                               help="On an error, print the Python traceback before the one-line message."),
+) -> None:
+    """KV-cache layouts, retention policies and ONNX KV-cache injection for LLM text generation.
+
+    Exit codes: 0 success, 1 runtime failure, 2 bad input (docs/errors.md).
+    """
+
+
 @app.command()
+@guarded
 def info(
     json_output: bool = typer.Option(False, "--json", help="Print one machine-readable JSON object."),
 ) -> None:
@@ -33,6 +46,7 @@ def info(
 
 
 @app.command("generate")
+@guarded
 def generate_command(
     prompt: str = typer.Argument(..., help="The text to continue."),
     model: str = typer.Option("default", "--model", "-m",
@@ -53,24 +67,17 @@ def generate_command(
     """Generate a continuation of PROMPT: text to stdout, one line of stats to stderr."""
     from transformers.utils import logging as transformers_logging
 
-    from kvcache.errors import KVCacheError
     from kvcache.generation import generate
     from kvcache.models import load
-    from kvcache.spec import CacheSpec
 
     # stderr carries one line of stats; transformers' weight-loading bar would only add noise there.
     transformers_logging.disable_progress_bar()
-    try:
-        # The spec is checked before the (slow) model load so a typo fails at once.
-        spec = CacheSpec.parse(cache)
-        spec.require_available()
-        lm, tokenizer = load(model, device=device, dtype=dtype)
-        result = generate(lm, tokenizer, prompt, cache=spec, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop or None,
-                          progress=progress)
-    except (KVCacheError, ValueError, OSError) as err:
-        # User errors: one line, no traceback, exit code 2 (like a bad command-line option).
-        opts.exit_with_error(err)
+    # Everything the options can tell is checked before the (slow) model load so a typo fails at once.
+    spec = opts.check_generation_options(prompt, cache, temperature, top_k, top_p)
+    lm, tokenizer = load(model, device=device, dtype=dtype)
+    result = generate(lm, tokenizer, prompt, cache=spec, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop or None,
+                      progress=progress)
     opts.print_result(result, json_output)
 
 

@@ -7,12 +7,13 @@ fast paths (``--help``, ``info``) stay light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
     from kvcache.result import GenerationResult
+    from kvcache.spec import CacheSpec
 
 CacheOption = Annotated[str, typer.Option(
     "--cache", "-c", help="Cache spec: dynamic, static, static:capacity=N, ... (`kvcache info`).")]
@@ -22,15 +23,30 @@ TemperatureOption = Annotated[float, typer.Option("--temperature", "-t", min=0.0
 TopKOption = Annotated[int | None, typer.Option("--top-k", min=1,
                                                 help="Sample among the k most likely tokens.")]
 TopPOption = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
-SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+SeedOption = Annotated[int | None, typer.Option("--seed", min=-(2**63), max=2**64 - 1,
+                                                help="Seed for reproducible sampling.")]
 StopOption = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeat for several).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON: text, stats, finish_reason, cache.")]
 
 
-def exit_with_error(err: BaseException) -> NoReturn:
-    """Report a user error as one line on stderr and exit with code 2 (like a bad command-line option)."""
-    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
-    raise typer.Exit(code=2) from err
+def check_generation_options(prompt: str, cache: str, temperature: float, top_k: int | None,
+                             top_p: float | None) -> CacheSpec:
+    """Check what the options of a generate command can tell before any model loads; return the spec.
+
+    Raises
+    ------
+    KVCacheError
+        For a bad spec, a prompt that is not UTF-8, or sampling settings out of range.
+    """
+    from kvcache.sampling import Sampler
+    from kvcache.spec import CacheSpec
+    from kvcache.validate import check_prompts
+
+    spec = CacheSpec.parse(cache)
+    spec.require_available()
+    check_prompts(prompt)
+    Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    return spec
 
 
 def print_result(result: GenerationResult, json_output: bool) -> None:

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from kvcache import compat
+from kvcache import compat, validate
 from kvcache.attention import enable
 from kvcache.cache import CACHE_KWARG, KVCache
 from kvcache.decoding import PROGRESS_MIN_TOKENS, decode
 from kvcache.hooks import DecodeHooks, chain
 from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
+from kvcache.resources import check_fits
 from kvcache.result import GenerationResult, GenerationStats
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
@@ -95,6 +96,7 @@ def generate(
     ValueError
         For invalid arguments (empty prompt list, ``max_new_tokens < 1``, bad sampling settings, ...).
     """
+    validate.check_model(model, tokenizer)
     prompt_list = check_arguments(prompts, max_new_tokens, prefill_chunk_size)
     spec = CacheSpec.parse(cache)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -107,6 +109,8 @@ def generate(
     input_ids, attention_mask = left_pad(tokenizer, prompt_list, model.get_input_embeddings().num_embeddings)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
+    check_fits(model.config, spec, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+               device=device, dtype=dtype)
     kv = KVCache.from_spec(spec, model.config, batch_size=batch, max_cache_len=prompt_len + max_new_tokens,
                            device=device, dtype=dtype)
     step = TorchStep(model, kv, batch, max_columns=prompt_len + max_new_tokens)

@@ -7,19 +7,14 @@ from typing import Any
 
 import torch
 
+from kvcache import validate
+
 __all__ = ["check_arguments", "eos_ids", "left_pad", "special_tokens", "stop_strings"]
 
 
 def check_arguments(prompts: str | Sequence[str], max_new_tokens: int, prefill_chunk_size: int) -> list[str]:
     """Validate the common arguments of ``generate``; return the prompts as a list."""
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
-        raise ValueError("prompts must be a string or a non-empty list of strings")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
-    return prompt_list
+    return validate.generate_arguments(prompts, max_new_tokens, prefill_chunk_size)
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> list[str]:

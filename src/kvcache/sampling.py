@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache import validate
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -32,12 +34,13 @@ class Sampler:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {self.top_p}")
+        # KVCacheError is a ValueError: NaN, infinities, bools and strings are refused with the range
+        validate.check_real("temperature (0 = greedy)", self.temperature, minimum=0.0)
+        if self.top_k is not None:
+            validate.check_int("top_k (None for no limit)", self.top_k, minimum=1)
+        if self.top_p is not None:
+            validate.check_real("top_p (None for no limit)", self.top_p, minimum=0.0, maximum=1.0,
+                                exclusive_minimum=True)
 
     @property
     def greedy(self) -> bool:
@@ -61,8 +64,12 @@ class Sampler:
         """
         if self.greedy:
             return logits.argmax(dim=-1)
-        # Sample in float32: half-precision softmax over large vocabularies loses the tail.
-        scores = logits.float() / self.temperature
+        # Sample in float32: half-precision softmax over large vocabularies loses the tail. The best logit
+        # is subtracted first so a tiny temperature cannot overflow to inf - inf = nan: the best token stays
+        # at 0 (0 / t is 0, and 0 * inf from a temperature below float32's range is mapped back to 0).
+        scores = logits.float()
+        scores = (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature
+        scores = scores.nan_to_num(nan=0.0, neginf=float("-inf"))
         if self.top_k is not None and self.top_k < scores.shape[-1]:
             kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -85,7 +92,7 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A generator seeded with ``seed`` on ``device`` (``None`` when no seed is given)."""
-    if seed is None:
+    if validate.check_seed(seed) is None:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)

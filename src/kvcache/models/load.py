@@ -11,7 +11,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
+from kvcache import validate
 from kvcache.errors import KVCacheError
 
 #: where the bundled default model lives (config.json, model.safetensors or shards + index, tokenizer.json)
@@ -62,9 +64,14 @@ def load(
         The default model is not installed, the path does not exist or is not a checkpoint, or a hub
         model is not in the local cache while offline. The message says how to fix it.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise KVCacheError(f"name_or_path must be 'default', a model directory or a Hugging Face Hub id, got "
+                           f"{type(name_or_path).__name__}")
     torch_dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
     text = os.fspath(name_or_path)
+    if not isinstance(text, str) or not text.strip():
+        raise KVCacheError("the model name is empty; give 'default', a model directory or a Hub id")
     if text == "default":
         path = _default_dir()
         return _from_pretrained(str(path), device, torch_dtype, local=True)
@@ -113,6 +120,8 @@ def _resolve_device(device: torch.device | str | None) -> torch.device | None:
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if not isinstance(dtype, str):
+        raise KVCacheError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__}")
     key = dtype.lower().removeprefix("torch.")
     if key not in _DTYPES:
         raise KVCacheError(f"unknown dtype {dtype!r}; choose one of: float32, bfloat16, float16")
@@ -136,10 +145,14 @@ def _hub_reachable() -> bool:
 def _from_pretrained(source: str, device: torch.device | None, dtype: torch.dtype | None,
                      *, local: bool) -> tuple[Any, Any]:
     if local:
+        _check_local_config(source)
         try:
             model, tokenizer = _auto_load(source, dtype, local_files_only=True)
         except OSError as err:
             raise KVCacheError(f"could not load the model in {source!r}: {_first_line(err)}") from err
+        except SafetensorError as err:
+            raise KVCacheError(f"the weights in {source!r} are corrupt or truncated ({_first_line(err)}); "
+                               "save or download the model again") from err
     else:
         try:
             # The local Hugging Face cache first: no network needed for a model used before.
@@ -159,9 +172,22 @@ def _from_pretrained(source: str, device: torch.device | None, dtype: torch.dtyp
                     f"could not download model {source!r} from the Hugging Face Hub: {_first_line(err)}; "
                     "check the id (and access token for gated models), or pass a local model directory"
                 ) from err
+    validate.check_decoder(model.config)  # hub models too (local ones were checked before loading)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def _check_local_config(source: str) -> None:
+    """Read a local ``config.json`` first: a broken one, or a model that is not a decoder, is refused before
+    any weight is read (an encoder such as BERT would otherwise load with a warning and generate garbage)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise KVCacheError(f"cannot read the config of {source!r}: {_first_line(err)}") from err
+    validate.check_decoder(config)
 
 
 def _auto_load(source: str, dtype: torch.dtype | None, *, local_files_only: bool) -> tuple[Any, Any]:
@@ -209,4 +235,6 @@ def load_tokenizer(source: str | os.PathLike[str], *, local_files_only: bool = T
 
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    line = lines[0] if lines else type(err).__name__
+    # transformers' unknown-model-type error lists every config class (kilobytes) on its first line
+    return line if len(line) <= 300 else line[:300] + "..."

@@ -16,9 +16,11 @@ import numpy as np
 import onnxruntime as ort
 from transformers import AutoConfig
 
+from kvcache import validate
 from kvcache.cache import model_cache_shape
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
+from kvcache.onnx.provenance import check_config_matches, verify_source
 from kvcache.onnx.session import GraphSignature, resolve_graph
 
 
@@ -141,6 +143,7 @@ def check_graph(
         raise ValueError(f"tol must be > 0, got {tol}")
     orig_path = _original_path(original)
     tested_path, tested_dir = resolve_graph(tested)
+    verify_source(tested_path, orig_path)
     ref_sess, sess = _session(orig_path), _session(tested_path)
     ref_inputs = {i.name for i in ref_sess.get_inputs()}
     if any(names.is_cache_input(n) for n in ref_inputs):
@@ -184,7 +187,13 @@ def check_graph(
                     feeds[name] = past[2 * i + j]
         out_names = [names.LOGITS] + [n for i in range(sig.num_layers)
                                       for n in (names.present_key(i), names.present_value(i))]
-        logits, *presents = sess.run(out_names, feeds)
+        try:
+            logits, *presents = sess.run(out_names, feeds)
+        except Exception as exc:  # ORT's own exception types
+            if type(exc).__name__ != "InvalidArgument":
+                raise
+            raise KVCacheError(f"ONNX Runtime rejected step {step} of {tested_path} ({str(exc)[:300]}); "
+                               "the graph and the config.json beside it may not belong together") from exc
         problem = _shape_problem(presents, batch, end, heads, dim)
         past = presents
         real = cur_mask.astype(bool)
@@ -206,7 +215,15 @@ def _expected_geometry(directory: Path, sig: GraphSignature) -> tuple[int | None
     one (so a graph that caches all query heads of a GQA model fails), else as the graph declares them."""
     if not (directory / "config.json").is_file():
         return sig.num_kv_heads, sig.head_dim
-    _, kv_heads, head_dims = model_cache_shape(AutoConfig.from_pretrained(directory))
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KVCacheError(f"cannot read {directory / 'config.json'}: {str(exc)[:300]}") from exc
+    validate.check_config(config, f"{directory / 'config.json'}")
+    # layer count too: a config of another model would otherwise fail inside ONNX Runtime
+    if sig.num_layers != model_cache_shape(config)[0]:
+        check_config_matches(sig, config, directory)
+    _, kv_heads, head_dims = model_cache_shape(config)
     return kv_heads[0], head_dims[0]
 
 

@@ -7,7 +7,10 @@ uses positions, ``position_ids``, and returns ``logits`` over the whole sequence
 
 The output directory receives ``model.onnx`` (plus ``model.onnx.data`` for models over
 :data:`EXTERNAL_DATA_THRESHOLD` bytes), ``config.json`` and the tokenizer files when a tokenizer is given.
-Everything is written to a temporary directory beside the target first and moved in with ``os.replace``.
+It is written as a whole: a new directory is built beside the target and renamed onto it, so a failed
+export leaves nothing behind and no file of an earlier export (a stale ``model_kvcache.onnx``) survives
+next to the new graph. A target that already holds files is refused unless ``force=True``
+(:mod:`kvcache.onnx.outputs`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from kvcache.cache import model_cache_shape
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
+from kvcache.onnx.outputs import check_export_dir, swap_in_directory
 
 #: weights above this many bytes are saved as external data (protobuf cannot hold more than 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -36,6 +40,29 @@ DATA_FILE = "model.onnx.data"
 NO_POSITION_IDS: frozenset[str] = frozenset({"bloom", "mpt"})
 
 Exporter = Literal["legacy", "dynamo"]
+#: opsets each exporter is used with here: injection needs 14+, the dynamo exporter 18+
+OPSET_RANGE: dict[str, tuple[int, int]] = {"legacy": (14, 20), "dynamo": (18, 23)}
+
+
+def check_export_options(exporter: str, opset: int | None) -> int:
+    """The opset to export with, once ``exporter`` and ``opset`` are checked (before any model loads).
+
+    Raises
+    ------
+    KVCacheError
+        For an unknown exporter or an opset outside :data:`OPSET_RANGE`.
+    """
+    if exporter not in OPSET_RANGE:
+        raise KVCacheError(f"unknown exporter {exporter!r}; choose 'legacy' or 'dynamo'")
+    low, high = OPSET_RANGE[exporter]
+    if opset is None:
+        return 17 if exporter == "legacy" else 18
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        other = " (or --exporter legacy)" if exporter == "dynamo" and isinstance(opset, int) and opset < low \
+            else ""
+        raise KVCacheError(f"the {exporter} exporter supports opset {low} to {high} here, got {opset!r}; "
+                           f"pick one in that range{other}")
+    return opset
 
 
 def uses_position_ids(model: torch.nn.Module) -> bool:
@@ -96,6 +123,7 @@ def export_model(
     with_cache: bool = False,
     opset: int | None = None,
     exporter: Exporter = "legacy",
+    force: bool = False,
 ) -> Path:
     """Export ``model`` (a Hugging Face causal LM) to ``out_dir/model.onnx``.
 
@@ -105,7 +133,8 @@ def export_model(
         A ``*ForCausalLM`` (float32 recommended for export). It is exported in eval mode; its own
         training/eval mode is left as the caller had it.
     out_dir:
-        Directory to create or update; ``model.onnx``, ``config.json`` (and tokenizer files) land there.
+        Directory to create, or to replace as a whole when ``force``; ``model.onnx``, ``config.json`` (and
+        tokenizer files) land there.
     tokenizer:
         Saved beside the graph when given.
     with_cache:
@@ -114,22 +143,26 @@ def export_model(
     opset:
         ONNX opset; default 17 for the legacy exporter and 18 for the dynamo exporter.
     exporter:
-        ``"legacy"`` (TorchScript-based, opset 14-17 typical) or ``"dynamo"`` (``torch.export``, opset 18+).
+        ``"legacy"`` (TorchScript-based, opset 14-20) or ``"dynamo"`` (``torch.export``, opset 18+).
+    force:
+        Replace ``out_dir`` when it already holds files (else that is refused).
 
     Returns
     -------
     Path to the written ``model.onnx``.
+
+    Raises
+    ------
+    KVCacheError
+        Bad options, an ``out_dir`` that is a file or already holds files (without ``force``), or an
+        exporter failure (its first line).
     """
-    if exporter not in ("legacy", "dynamo"):
-        raise KVCacheError(f"unknown exporter {exporter!r}; choose 'legacy' or 'dynamo'")
-    if opset is None:
-        opset = 17 if exporter == "legacy" else 18
-    if exporter == "dynamo" and opset < 18:
-        raise KVCacheError(f"the dynamo exporter needs opset >= 18 (got {opset}); "
-                           f"use --exporter legacy for opset {opset}")
+    opset = check_export_options(exporter, opset)
+    out = Path(out_dir)
+    check_export_dir(out, force=force)
     was_training = model.training
     try:
-        return _export_eval(model, Path(out_dir), tokenizer, with_cache, opset, exporter)
+        return _export_eval(model, out, tokenizer, with_cache, opset, exporter)
     finally:
         # torch.onnx.export restores the wrapper's mode onto every submodule; give back the caller's
         model.train(was_training)
@@ -138,7 +171,6 @@ def export_model(
 def _export_eval(model: torch.nn.Module, out: Path, tokenizer: Any, with_cache: bool, opset: int,
                  exporter: Exporter) -> Path:
     """Body of :func:`export_model` once the options are checked; the model is switched to eval mode."""
-    out.mkdir(parents=True, exist_ok=True)
     model.eval()
     config = model.config
     with_pos = uses_position_ids(model)
@@ -179,18 +211,25 @@ def _export_eval(model: torch.nn.Module, out: Path, tokenizer: Any, with_cache: 
     # model after tracing: without this, dropout (OPT, GPT-2, ...) would be live after the export
     module.eval()
     call_args = tuple(args)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    except OSError as exc:
+        raise KVCacheError(f"cannot create {out}: {exc.strerror or exc}; give a directory in a writable "
+                           "place") from exc
     try:
         tmp_file = tmp / MODEL_FILE
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about python control flow are expected
-            _run_exporter(module, call_args, tmp_file, exporter, opset, input_names, output_names, axes)
+            try:
+                _run_exporter(module, call_args, tmp_file, exporter, opset, input_names, output_names, axes)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                other = "dynamo" if exporter == "legacy" else "legacy"
+                raise KVCacheError(f"the {exporter} exporter failed on this model ({type(exc).__name__}: "
+                                   f"{first}); try --exporter {other} or another --opset") from exc
         _finalize(tmp_file, model, tokenizer, tmp)
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
-        stale = (out / DATA_FILE).exists() and not _uses_external(out / MODEL_FILE)
-        if stale:
-            (out / DATA_FILE).unlink()  # stale weights of an earlier, larger export
+        swap_in_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / MODEL_FILE
@@ -217,11 +256,6 @@ def _run_exporter(module: torch.nn.Module, args: tuple[Any, ...], path: Path, ex
     if program is None:
         raise KVCacheError("the dynamo exporter returned no program")
     program.save(str(path))
-
-
-def _uses_external(path: Path) -> bool:
-    m = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
 
 
 def _finalize(tmp_file: Path, model: torch.nn.Module, tokenizer: Any, tmp: Path) -> None:
@@ -254,15 +288,23 @@ def export(
     with_cache: bool = False,
     opset: int | None = None,
     exporter: Exporter = "legacy",
+    force: bool = False,
 ) -> Path:
     """Load ``name_or_path`` (a local model directory or ``"default"``) on CPU in float32 and export it.
 
-    See :func:`export_model` for the parameters.
+    The options and the output directory are checked before the model loads. See :func:`export_model`
+    for the parameters.
     """
     from kvcache.models import load  # here, not at import: loading pulls in the bundled-model machinery
-    if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
+    check_export_options(exporter, opset)
+    source = Path(name_or_path)
+    if str(name_or_path) == "default" and not source.exists():
+        from kvcache.models.load import DEFAULT_MODEL_DIR
+        source = DEFAULT_MODEL_DIR
+    if source.exists() and not (source / "config.json").is_file():
         raise KVCacheError(f"{name_or_path!r} is not a model directory (no config.json); pass a local "
                            "Hugging Face model directory or 'default'")
+    check_export_dir(Path(out_dir), force=force, source=source if source.exists() else None)
     model, tokenizer = load(name_or_path, device="cpu", dtype=torch.float32)
     return export_model(model, out_dir, tokenizer=tokenizer, with_cache=with_cache, opset=opset,
-                        exporter=exporter)
+                        exporter=exporter, force=force)

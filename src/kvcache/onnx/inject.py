@@ -14,20 +14,21 @@ expose attention statistics (:mod:`~kvcache.onnx.rewrite_stats`), prune and re-s
 
 from __future__ import annotations
 
+import filecmp
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 from transformers import AutoConfig, PretrainedConfig
 
+from kvcache import validate
 from kvcache.errors import KVCacheError
 from kvcache.models.random import ARCHITECTURES
-from kvcache.onnx import names
+from kvcache.onnx import names, provenance
 from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.graph import Graph, probe_shapes
+from kvcache.onnx.outputs import atomic_write, check_inject_destination, copy_atomic
 from kvcache.onnx.patterns import (
     AttentionSite,
     find_mask_edits,
@@ -97,7 +98,8 @@ class KVCacheInjector:
             try:
                 self.config = AutoConfig.from_pretrained(str(path))
             except (OSError, ValueError, KeyError) as exc:
-                raise KVCacheError(f"cannot read {path / 'config.json'}: {exc}") from exc
+                raise KVCacheError(f"cannot read {path / 'config.json'}: {str(exc)[:300]}") from exc
+        validate.check_config(self.config, "the config.json of the graph")
         self.arch = getattr(self.config, "model_type", "unknown")
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = _geometry(self.config)
         self.attention_stats = attention_stats
@@ -258,7 +260,7 @@ def _resolve(path: Path) -> tuple[Path, Path]:
 
 
 def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                attention_stats: bool = False) -> Path:
+                attention_stats: bool = False, force: bool = False) -> Path:
     """Inject a KV cache into the graph at ``path`` and write it atomically.
 
     Parameters
@@ -266,47 +268,47 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     path:
         A ``.onnx`` file (with ``config.json`` beside it) or its directory.
     out:
-        Output file; default ``<name>_kvcache.onnx`` beside the input. The input is only overwritten when
-        ``out`` names it. Written to a temporary file first, then moved in place with ``os.replace``.
-        When ``out`` is in another directory, external-data files, the config and the tokenizer files
-        are copied beside it.
+        Output file, or a directory to write ``<name>_kvcache.onnx`` in; default ``<name>_kvcache.onnx``
+        beside the input. Written to a temporary file first, then moved in place with ``os.replace``.
+        When ``out`` is in another directory, the external-data, config and tokenizer files it needs are
+        copied beside it (files already there are never replaced; a different weights file is refused).
     attention_stats:
         See :class:`KVCacheInjector`.
+    force:
+        Overwrite an existing ``out`` that is not a graph this function wrote, or the input itself when
+        ``out`` names it. Without it such an ``out`` is refused before any work.
 
     Returns
     -------
-    The path written.
+    The path written. Its metadata records the input's file name and sha256
+    (:data:`~kvcache.onnx.names.META_SOURCE_SHA256`), so a run beside a different ``model.onnx`` is refused.
     """
     src, model_dir = _resolve(Path(path))
+    dest = Path(out) if out is not None else src.with_name(src.stem + "_kvcache.onnx")
+    named_dir = dest.is_dir()
+    if named_dir:
+        dest = dest / (src.stem + "_kvcache.onnx")
+    if not (force and dest.exists() and dest.resolve() == src.resolve()):
+        check_inject_destination(dest, src, force=force)
     injector = KVCacheInjector(model_dir, attention_stats=attention_stats)
     try:
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: the file is not an ONNX model
         raise KVCacheError(f"{src} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     model = injector.apply(model)
-    dest = Path(out) if out is not None else src.with_name(src.stem + "_kvcache.onnx")
-    if dest.is_dir():
-        dest = dest / src.name
+    provenance.record(model, src)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _place_external(model, src.parent.resolve(), dest.parent.resolve())
-    fd, tmp = tempfile.mkstemp(prefix=".inject-", suffix=".onnx", dir=dest.parent)
-    os.close(fd)
     try:
-        onnx.save_model(model, tmp)
-        onnx.checker.check_model(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-        os.replace(tmp, dest)
+        with atomic_write(dest, suffix=".onnx") as tmp:
+            onnx.save_model(model, str(tmp))
+            onnx.checker.check_model(str(tmp))
     except onnx.checker.ValidationError as exc:
         raise KVCacheError(f"the injected graph failed onnx.checker: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     if dest.parent.resolve() != model_dir.resolve():
         for name in _SIDE_FILES:
             if (model_dir / name).is_file() and not (dest.parent / name).exists():
-                shutil.copyfile(model_dir / name, dest.parent / name)
+                copy_atomic(model_dir / name, dest.parent / name)
     return dest
 
 
@@ -314,7 +316,7 @@ def _place_external(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> No
     """Make external-data files resolvable from ``dest_dir`` by copying them there.
 
     ONNX and ONNX Runtime refuse data files outside the model's directory, so a relative ``../`` path
-    would not do.
+    would not do. A different file already there under the same name is refused, never used or replaced.
     """
     if src_dir == dest_dir:
         return
@@ -323,12 +325,13 @@ def _place_external(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> No
     for loc in sorted(locations):
         target = dest_dir / loc
         if target.exists():
+            if not filecmp.cmp(src_dir / loc, target, shallow=False):
+                raise KVCacheError(f"{target} exists and differs from the graph's weights {src_dir / loc}; "
+                                   "write the injected graph to another directory or remove that file")
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         # a copy, not a hard link: onnx.checker rejects multiply-linked data files ("hardlink attack")
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(src_dir / loc, tmp)
-        os.replace(tmp, target)
+        copy_atomic(src_dir / loc, target)
 
 
 def inject(model: onnx.ModelProto, model_dir: str | os.PathLike[str] | PretrainedConfig,

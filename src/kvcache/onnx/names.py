@@ -65,6 +65,9 @@ META_NUM_HEADS = META_PREFIX + "num_heads"
 META_NUM_KV_HEADS = META_PREFIX + "num_kv_heads"
 META_HEAD_DIM = META_PREFIX + "head_dim"
 META_ATTENTION_STATS = META_PREFIX + "attention_stats"
+#: file name and sha256 of the no-cache graph an injected graph was made from (checked before it runs)
+META_SOURCE_FILE = META_PREFIX + "source_file"
+META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
 
 _CACHE_RE = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 

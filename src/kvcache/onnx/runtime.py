@@ -22,8 +22,10 @@ from kvcache.decoding import StepFunction, decode
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.hooks import DecodeHooks
 from kvcache.models.load import load_tokenizer
+from kvcache.onnx.provenance import check_config_matches
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
 from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
+from kvcache.resources import check_fits
 from kvcache.result import GenerationResult
 from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
@@ -77,6 +79,7 @@ class OnnxGenerator:
             )
         self.decoder = DecoderSession(graph, providers=providers, threads=threads,
                                       session_options=session_options)
+        check_config_matches(self.decoder.signature, config, graph)
         self.graph_path = graph
 
     @property
@@ -183,6 +186,8 @@ class OnnxGenerator:
         vocab = self.decoder.signature.vocab_size or getattr(self.config, "vocab_size", None)
         input_ids, prompt_mask = left_pad(self.tokenizer, texts, vocab, owner="graph")
         batch, prompt_len = input_ids.shape
+        check_fits(self.config, self.spec, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                   device="cpu", dtype=self.decoder.signature.dtype)
         cache = KVCache.from_spec(self.spec, self.config, batch_size=batch,
                                   max_cache_len=prompt_len + max_new_tokens, device="cpu",
                                   dtype=self.decoder.signature.dtype)

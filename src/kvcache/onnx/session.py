@@ -15,8 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from kvcache import validate
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
+from kvcache.onnx.provenance import verify_source
 
 #: ONNX Runtime element types of cache inputs -> the torch dtype of the host cache
 _ORT_TO_TORCH: dict[str, torch.dtype] = {
@@ -36,16 +38,22 @@ def resolve_graph(path: str | Path) -> tuple[Path, Path]:
     Raises
     ------
     KVCacheError
-        When the path does not exist or a directory holds none of :data:`GRAPH_FILE_NAMES`.
+        When the path does not exist, a directory holds none of :data:`GRAPH_FILE_NAMES`, or the graph was
+        injected from another graph than the one beside it (:func:`kvcache.onnx.provenance.verify_source`).
     """
+    if not isinstance(path, (str, Path)):
+        raise KVCacheError(f"the graph must be a path (a model directory or an .onnx file), got "
+                           f"{type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         for name in GRAPH_FILE_NAMES:
             if (path / name).is_file():
+                verify_source(path / name)
                 return path / name, path
         raise KVCacheError(f"{path} holds none of {', '.join(GRAPH_FILE_NAMES)}; pass the .onnx file itself")
     if not path.is_file():
         raise KVCacheError(f"{path} does not exist; pass a model directory or an .onnx file")
+    verify_source(path)
     return path, path.parent
 
 
@@ -198,6 +206,7 @@ class DecoderSession:
     ) -> None:
         opts = session_options or ort.SessionOptions()
         if threads is not None:
+            validate.check_int("threads", threads, minimum=1)
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), opts,
@@ -265,7 +274,14 @@ class DecoderSession:
         for i, (k, v) in enumerate(past):
             for name, tensor in ((names.past_key(i), k), (names.past_value(i), v)):
                 feeds[name] = self._packed(name, tensor)
-        outputs = [torch.from_numpy(o) for o in self.session.run(self._outputs, feeds)]
+        try:
+            results = self.session.run(self._outputs, feeds)
+        except Exception as exc:
+            if type(exc).__name__ != "InvalidArgument":  # ORT's own exception types
+                raise
+            raise KVCacheError(f"ONNX Runtime rejected the step's inputs ({str(exc)[:300]}); the graph and "
+                               "the config.json beside it may not belong together") from exc
+        outputs = [torch.from_numpy(o) for o in results]
         n = sig.num_layers
         presents = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(n)]
         scores = outputs[1 + 2 * n :] if sig.has_attn_scores else None
