@@ -242,7 +242,7 @@ def test_from_spec_errors() -> None:
     with pytest.raises(KVCacheError, match="capacity=N"):
         KVCache.from_spec("static", config)
     with pytest.raises(UnsupportedSpecError, match="available: .*dynamic"):
-        KVCache.from_spec("keyformer:budget=0.5", config)
+        KVCache.from_spec("int4", config)
     with pytest.raises(ValueError):
         KVCache.from_spec("dynamc", config)
 

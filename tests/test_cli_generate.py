@@ -78,7 +78,7 @@ def test_capacity_finish_reason(model_dir):
     ("args", "needle"),
     [
         (["-c", "stattic"], "stattic"),
-        (["-c", "h2o:budget=0.5"], "not available"),
+        (["-c", "h2o:budget=0.5+int4"], "not available"),
         (["-m", "/no/such/model/dir"], "does not exist"),
         (["-c", "static:capacity=3"], "cache slots"),
         (["--top-p", "1.5"], "top_p"),

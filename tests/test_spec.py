@@ -30,14 +30,15 @@ GRAMMAR: dict[str, tuple[str, dict[str, object]]] = {
     "quantized": ("precision", {"bits": 4, "group": 64, "residual": 128}),
     "offload": ("placement", {}),
     "full": ("policy", {}),
-    "keyformer": ("policy", {"budget": 0.5, "tokens": None, "window": 0.3, "tau": (1.0, 2.0)}),
-    "h2o": ("policy", {"budget": 0.5, "tokens": None, "window": 0.1}),
-    "streaming": ("policy", {"budget": 0.5, "tokens": None, "sinks": 4}),
-    "snapkv": ("policy", {"budget": 0.5, "tokens": None, "observe": 32}),
-    "tova": ("policy", {"budget": 0.5, "tokens": None}),
-    "knorm": ("policy", {"budget": 0.5, "tokens": None}),
+    "keyformer": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "window": 0.3, "tau": (1.0, 2.0)}),
+    "h2o": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "window": 0.1}),
+    "streaming": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "sinks": 4}),
+    "snapkv": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "observe": 32}),
+    "tova": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
+    "knorm": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
+    "keydiff": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
 }
-BUILT = {"dynamic", "static", "full"}
+BUILT = {"dynamic", "static", "full", "keyformer", "h2o", "streaming", "snapkv", "tova", "knorm", "keydiff"}
 TESTED_ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox"]
 ALL_WORDS = set(GRAMMAR) | {"int2", "int4", "int8", "offloaded", "offloaded_static"}
 
@@ -85,15 +86,15 @@ def test_documented_examples(text: str, canonical: str) -> None:
 def test_example_values() -> None:
     s = CacheSpec.parse("h2o:budget=0.25+int4")
     assert (s.layout.name, s.policy.name, s.placement) == ("dynamic", "h2o", None)
-    assert dict(s.policy.params) == {"budget": 0.25, "tokens": None, "window": 0.1}
+    assert dict(s.policy.params) == {"budget": 0.25, "tokens": None, "every": 1, "window": 0.1}
     assert dict(s.precision.params) == {"bits": 4, "group": 64, "residual": 128}
     k = CacheSpec.parse("keyformer:budget=0.5").policy
-    assert dict(k.params) == {"budget": 0.5, "tokens": None, "window": 0.3, "tau": (1.0, 2.0)}
+    assert dict(k.params) == {"budget": 0.5, "tokens": None, "every": 1, "window": 0.3, "tau": (1.0, 2.0)}
     assert dict(CacheSpec.parse("static:capacity=4096").layout.params) == {"capacity": 4096}
     assert CacheSpec.parse("static").layout.params["capacity"] is None
     # an absolute cap replaces the default fraction
     capped = CacheSpec.parse("h2o:tokens=100").policy.params
-    assert dict(capped) == {"budget": None, "tokens": 100, "window": 0.1}
+    assert dict(capped) == {"budget": None, "tokens": 100, "every": 1, "window": 0.1}
     # exponents are fine in values, even inside a tau range
     assert CacheSpec.parse("keyformer:tau=1e-3-2").policy.params["tau"] == (0.001, 2.0)
     assert CacheSpec.parse("knorm:budget=5e-1").policy.params["budget"] == 0.5
@@ -137,7 +138,7 @@ def test_default_spec_and_value_semantics() -> None:
 
 def test_direct_construction_validates_and_fills_defaults() -> None:
     part = SpecPart("policy", "h2o", {"budget": 1})
-    assert dict(part.params) == {"budget": 1.0, "tokens": None, "window": 0.1}
+    assert dict(part.params) == {"budget": 1.0, "tokens": None, "every": 1, "window": 0.1}
     assert CacheSpec(policy=part) == CacheSpec.parse("h2o:budget=1")
     # numbers of other types (numpy, lists from JSON) are normalised so equality and hashing work
     static8 = SpecPart("layout", "static", {"capacity": np.int64(8)})
@@ -158,14 +159,15 @@ def test_direct_construction_validates_and_fills_defaults() -> None:
 def test_availability() -> None:
     for text in ("dynamic", "static:capacity=8", "full", "static+full"):
         CacheSpec.parse(text).require_available()
-    spec = CacheSpec.parse("keyformer:budget=0.5")
-    assert spec.unavailable() == ["keyformer"]
+    CacheSpec.parse("keyformer:budget=0.5").require_available()
+    spec = CacheSpec.parse("int4")
+    assert spec.unavailable() == ["quantized"]
     with pytest.raises(UnsupportedSpecError) as exc:
         spec.require_available()
-    msg = "'keyformer' is not available yet in this version; available: dynamic, static, full"
+    msg = "'quantized' is not available yet in this version; available: dynamic, static, full, keyformer"
     assert msg in str(exc.value)
     assert isinstance(exc.value, ValueError)
-    assert CacheSpec.parse("h2o+int4+offload").unavailable() == ["h2o", "quantized", "offload"]
+    assert CacheSpec.parse("h2o+int4+offload").unavailable() == ["quantized", "offload"]
 
 
 # ----- error messages -----------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def test_availability() -> None:
     ("text", "needles"),
     [
         ("keyfromer:budget=0.5", ["'keyfromer'", "did you mean 'keyformer'", "policies: full, keyformer"]),
-        ("h2o:windw=0.1", ["'windw'", "did you mean 'window'", "valid keys: budget, tokens, window"]),
+        ("h2o:windw=0.1", ["'windw'", "did you mean 'window'", "valid keys: budget, tokens, every, window"]),
         ("int4+int8", ["two precisions", "'int4'", "'int8'"]),
         ("h2o+keyformer", ["two policies", "'keyformer'"]),
         ("offloaded_static+offload", ["two placements", "'offload'"]),
@@ -231,6 +233,7 @@ _VALUES = {
     "tau": st.tuples(st.floats(1e-6, 100), st.floats(1e-6, 100)),
     "sinks": st.integers(0, 64),
     "observe": st.integers(1, 1024),
+    "every": st.integers(1, 64),
 }
 
 
@@ -358,6 +361,7 @@ _OUT_OF_RANGE = {
     "tau": st.sampled_from(["0", "0-1", "1-0", "-1", "1-2-3", "a-b", "1--2", "inf-2"]),
     "sinks": st.sampled_from(["-1", "1.5", "four"]),
     "observe": st.sampled_from(["0", "-2", "3.5"]),
+    "every": st.sampled_from(["0", "-3", "2.5", "often"]),
 }
 
 
@@ -430,7 +434,7 @@ def test_info_table() -> None:
     for shown in ("budget=0.5", "window=0.3", "tau=1.0-2.0", "bits=4", "group=64", "residual=128", "sinks=4"):
         assert shown in out
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
-    assert "yes" in rows["dynamic"] and "yes" in rows["full"] and "not yet" in rows["keyformer"]
+    assert "yes" in rows["dynamic"] and "yes" in rows["keyformer"] and "not yet" in rows["quantized"]
 
 
 def test_info_json() -> None:
