@@ -63,7 +63,8 @@ def run(context: int, n_passkey: int, n_needles: int, policies: list[str], budge
             start = time.perf_counter()
             for task, examples in tasks.items():
                 bar.update(job, description=f"{spec} {task}")
-                ok, mean_len = retrieval_accuracy(model, tokenizer, examples, cache=spec, batch_size=batch_size)
+                ok, mean_len = retrieval_accuracy(model, tokenizer, examples, cache=spec,
+                                                  batch_size=batch_size)
                 row[task] = sum(ok) / len(ok)
                 row[f"{task}_mean_prompt_tokens"] = mean_len
                 bar.advance(job)
@@ -81,7 +82,8 @@ def run(context: int, n_passkey: int, n_needles: int, policies: list[str], budge
 def table(report: dict[str, Any], budgets: tuple[float, ...]) -> str:
     """Markdown: one row per policy, passkey / multi-needle accuracy and cache bytes per budget."""
     at = {r["spec"]: r for r in report["rows"]}
-    head = "| policy | " + " | ".join(f"passkey @{b:.0%} | needles @{b:.0%} | bytes @{b:.0%}" for b in budgets) + " |"
+    head = "| policy | " + " | ".join(f"passkey @{b:.0%} | needles @{b:.0%} | bytes @{b:.0%}"
+                                     for b in budgets) + " |"
     lines = [head, "|---|" + "---:|---:|---:|" * len(budgets)]
     full = at["full"]
     lines.append("| full | " + " | ".join(f"{full['passkey']:.0%} | {full['multi_needle']:.0%} | 1.00x"
@@ -93,8 +95,9 @@ def table(report: dict[str, Any], budgets: tuple[float, ...]) -> str:
             cells.append("- | - | -" if r is None else
                          f"{r['passkey']:.0%} | {r['multi_needle']:.0%} | {r['bytes_vs_full']:.2f}x")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"passkey: {report['passkey_prompts']} prompts, multi-needle: {report['multi_needle_prompts']} "
-              f"prompts, {report['context']} tokens, greedy, whole prompt compressed.",
+    lines += ["", f"passkey: {report['passkey_prompts']} prompts, multi-needle: "
+              f"{report['multi_needle_prompts']} prompts, {report['context']} tokens, greedy, whole prompt "
+              "compressed.",
               "kvpress 0.5.5 on this model and prompt format (passkey @50% / @25%): " +
               ", ".join(f"{k} {a:.0%} / {b:.0%}" for k, (a, b) in KVPRESS_PASSKEY.items())]
     return "\n".join(lines)
@@ -109,7 +112,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--passkey", type=int, default=100, help="passkey prompts (default 100)")
     parser.add_argument("--needles", type=int, default=50, help="multi-needle prompts (default 50)")
