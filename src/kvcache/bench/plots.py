@@ -12,6 +12,16 @@ QUALITY_TASKS = {"passkey": "passkey accuracy", "needles": "multi-needle accurac
                  "consistency": "ROUGE-L vs full", "ppl": "perplexity (lower is better)"}
 
 
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def _style(i: int) -> dict[str, Any]:
+    """A distinct colour and marker for the i-th line (tab20 colours; markers change every 20 lines)."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "marker": _MARKERS[(i // 20 + i) % len(_MARKERS)]}
+
+
 def _figure_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -36,8 +46,16 @@ def score_vs_budget(rows: Sequence[dict[str, Any]]) -> bytes | None:
     if not tasks:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    ncols = min(2, len(tasks))
+    nrows = (len(tasks) + ncols - 1) // ncols
+    fig, grid = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(tasks):]:
+        ax.set_visible(False)
+    names = sorted({r["system"] if r.get("budget") == 1.0 and r["peer"] != "kvpress"
+                    else f"{r['peer']} {r['family']}" for r in rows})
+    styles = {n: _style(i) for i, n in enumerate(names)}
+    for ax, task in zip(axes[0], tasks, strict=False):
         lines: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             if (r["task"] != task or not r.get("available") or r.get("score") is None
@@ -49,8 +67,8 @@ def score_vs_budget(rows: Sequence[dict[str, Any]]) -> bytes | None:
         for name, pts in sorted(lines.items()):
             pts.sort()
             xs, ys = zip(*pts, strict=True)
-            style = "o-" if len(pts) > 1 else "s"
-            ax.plot(xs, ys, style, label=name, markersize=5, linewidth=1.4)
+            ax.plot(xs, ys, "-" if len(pts) > 1 else "", label=name, markersize=6, linewidth=1.4,
+                    **styles[name])
         ax.set_xlabel("cache kept (% of the prompt)")
         ax.set_ylabel(QUALITY_TASKS[task])
         ax.set_title(task)
@@ -65,9 +83,9 @@ def score_vs_budget(rows: Sequence[dict[str, Any]]) -> bytes | None:
             if lbl not in labels:
                 handles.append(h)
                 labels.append(lbl)
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02 - 0.045 * ((len(labels) - 1) // 5)))
-    fig.tight_layout(rect=(0, 0.12 + 0.04 * ((len(labels) - 1) // 5), 1, 1))
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.98), fontsize=8,
+               title="policy / press / cache")
     return _figure_png(fig)
 
 
@@ -86,19 +104,22 @@ def by_context(rows: Sequence[dict[str, Any]], what: str) -> bytes | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    for r in speed:
+    for i, r in enumerate(speed):
         pts = r["details"]["by_context"]
         xs = [p["context"] for p in pts]
         if what == "cache_bytes":
-            ax.plot(xs, [p["peak_cache_bytes"] / 2**20 for p in pts], "o-", label=r["system"], markersize=4)
+            ax.plot(xs, [p["peak_cache_bytes"] / 2**20 for p in pts], "-", label=r["system"], markersize=5,
+                    **_style(i))
         else:
             med = [p["decode_ms_per_token"]["median"] for p in pts]
             lo = [m - p["decode_ms_per_token"]["min"] for m, p in zip(med, pts, strict=True)]
             hi = [p["decode_ms_per_token"]["max"] - m for m, p in zip(med, pts, strict=True)]
-            ax.errorbar(xs, med, yerr=[lo, hi], fmt="o-", label=r["system"], markersize=4, capsize=3)
+            st = _style(i)
+            ax.errorbar(xs, med, yerr=[lo, hi], fmt="-", label=r["system"], markersize=5, capsize=3,
+                        color=st["color"], marker=st["marker"])
     ax.set_xlabel("context (prompt tokens)")
     ax.set_ylabel("peak cache MiB" if what == "cache_bytes" else "decode ms / token (median, min-max)")
-    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({p["context"] for r in speed for p in r["details"]["by_context"]}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -127,10 +127,10 @@ def _md_table_html(md: str) -> str:
     def flush() -> None:
         if table:
             head, *body = table
-            parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
-                         + "</tr></thead><tbody>" + "".join(
-                             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                             for row in body) + "</tbody></table>")
+            heads = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            parts.append("<div class='wrap'><table><thead><tr>" + heads + "</tr></thead><tbody>" + "".join(
+                             "<tr>" + "".join(_td(c) for c in row) + "</tr>"
+                             for row in body) + "</tbody></table></div>")
             table.clear()
 
     for line in md.splitlines():
@@ -148,6 +148,11 @@ def _md_table_html(md: str) -> str:
     return "\n".join(parts)
 
 
+def _td(cell: str) -> str:
+    cls = " class='reason'" if cell.startswith("unavailable") else ""
+    return f"<td{cls}>{html.escape(cell)}</td>"
+
+
 def html_report(meta: dict[str, Any], md: str, plots: dict[str, bytes]) -> str:
     """One self-contained HTML page: settings, tables, plots embedded as base64 PNGs."""
     imgs = "\n".join(f"<figure><img alt='{html.escape(n)}' src='data:image/png;base64,"
@@ -158,8 +163,9 @@ def html_report(meta: dict[str, Any], md: str, plots: dict[str, bytes]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>kvcache bench</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }}
-table {{ border-collapse: collapse; font-size: 13px; margin: 12px 0; }}
+table {{ border-collapse: collapse; font-size: 12.5px; margin: 12px 0; }} .wrap {{ overflow-x: auto; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }}
+td.reason {{ white-space: normal; max-width: 28em; text-align: left; color: #8a4b00; }}
 th:first-child, td:first-child {{ text-align: left; }}
 thead th {{ background: #f0f0f0; }} tbody tr:nth-child(even) {{ background: #fafafa; }}
 figure {{ margin: 16px 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
