@@ -196,7 +196,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(model_dir: Path, out: Path, **kw: object) -> BenchConfig:
-    base = dict(out=out, model=str(model_dir), specs=["full", "static", "keyformer:budget=0.5"],
+    base = dict(out=out, model=str(model_dir),
+                specs=["full", "static", "keyformer:budget=0.5", "ort:dynamic"],
                 tasks=["passkey", "needles", "ppl", "consistency", "speed"], peers=["hf", "kvpress"],
                 budgets=[0.5], quick=True, speed_repeats=2, settings=TINY,
                 kvpress_python=out.parent / "no-such-python")
@@ -220,6 +221,10 @@ def test_smoke_run_writes_every_output_well_formed(tiny_model_dir: Path, tmp_pat
     assert not by[("keyformer:budget=0.5", "passkey")]["available"]
     assert "not available yet" in by[("keyformer:budget=0.5", "passkey")]["reason"]
     assert "peer-env.sh kvpress" in by[("kvpress SnapKV 50%", "ppl")]["reason"]
+    # the ONNX Runtime row generates what the PyTorch full cache generates; it has no streaming scorer yet
+    ort_rows = json.loads((out / "rows" / "ort_dynamic__consistency.json").read_text())
+    assert ort_rows["row"]["available"] and ort_rows["row"]["details"]["exact"] == TINY.consistency_docs
+    assert "not wired" in by[("ort:dynamic", "ppl")]["reason"]
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + len(data["rows"]) and csv_lines[0].startswith("system,peer,family")
     md = (out / "results.md").read_text()

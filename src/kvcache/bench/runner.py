@@ -13,6 +13,8 @@ from typing import Any
 from kvcache.bench import kvpress_peer
 from kvcache.bench.contract import run_job, unavailable
 from kvcache.bench.memory import PeakRSS
+from kvcache.bench.ort_system import PREFIX as ORT_PREFIX
+from kvcache.bench.ort_system import OrtSystem
 from kvcache.bench.outputs import ResultsDir, slug
 from kvcache.bench.prompts import TASKS, PromptSettings, build_jobs, build_prompts
 from kvcache.bench.score import score_record
@@ -58,7 +60,7 @@ class BenchConfig:
         for s in self.specs:  # a typo fails before the model loads
             from kvcache.spec import CacheSpec
 
-            CacheSpec.parse(s)
+            CacheSpec.parse(s.removeprefix(ORT_PREFIX))
 
 
 def _fingerprint(cfg: BenchConfig, jobs: dict[str, Any]) -> str:
@@ -127,8 +129,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     out.write_json("prompts.json", {"settings": asdict(settings), "prompts": prompts.to_json()})
 
     baseline = KVCacheSystem("full", model, tokenizer)
-    local: list[Any] = [baseline] + [KVCacheSystem(s, model, tokenizer) for s in cfg.specs
-                                     if s.strip() != "full"]
+    local: list[Any] = [baseline] + [
+        OrtSystem(s, cfg.model, tokenizer, cfg.threads) if s.startswith(ORT_PREFIX)
+        else KVCacheSystem(s, model, tokenizer) for s in cfg.specs if s.strip() != "full"]
     if "hf" in cfg.peers:
         local += [HFCacheSystem(lbl, model, tokenizer) for lbl in HF_CACHES]
     press_infos = kvpress_peer.systems(cfg.budgets, cfg.presses) if "kvpress" in cfg.peers else []
