@@ -291,3 +291,16 @@ def test_spec_list_keeps_parameter_commas_and_bad_options_fail_early() -> None:
     with pytest.raises(ValueError):
         BenchConfig(out=Path("x"), specs=["keyformr:budget=0.5"]).check()
     assert not math.isnan(perplexity(1.0, 1))
+
+
+def test_cli_refuses_an_out_that_is_a_file_and_a_bad_spec(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kvcache.cli import app
+
+    (tmp_path / "f.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "f.txt"), "--no-progress"])
+    assert result.exit_code == 2 and "is a file" in result.output
+    assert (tmp_path / "f.txt").read_text() == "mine"
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "o"), "--specs", "full,keyformr"])
+    assert result.exit_code == 2 and "keyformr" in result.output
