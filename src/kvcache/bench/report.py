@@ -103,6 +103,50 @@ def markdown(meta: dict[str, Any], infos: Sequence[SystemInfo], rows: Sequence[d
     return out + "\n"
 
 
+def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float]) -> str:
+    """One line per policy, press or full-size cache; each cell lists its values at ``budgets`` (kept
+    fractions, e.g. 50 / 25 / 10%): accuracy, ROUGE-L against full, cache MiB and decode tokens/s."""
+    groups: dict[str, dict[float | None, dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        shared = r.get("budget") not in (None, 1.0) or r["peer"] == "kvpress"
+        name = f"{r['peer']} {r['family']}" if shared else r["system"]
+        groups.setdefault(name, {}).setdefault(r.get("budget"), {})[r["task"]] = r
+    pct = " / ".join(f"{100 * b:g}%" for b in budgets)
+    head = ["system", f"kept ({pct})", "passkey %", "multi-needle %", "consistency ROUGE-L", "cache MiB",
+            "decode tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+
+    def fmt(r: dict[str, Any] | None, key: str) -> str:
+        if r is None or not r.get("available"):
+            return "n/a"
+        v = r.get(key)
+        if v is None:
+            return "–"
+        if key == "score" and r["score_name"] == "accuracy":
+            return f"{100 * v:.0f}"
+        if key == "peak_cache_bytes":
+            return f"{v / 2**20:.2f}"
+        return f"{v:,.0f}" if key == "decode_tok_s" else f"{v:.2f}"
+
+    for name, by_budget in groups.items():
+        keys = [b for b in budgets if b in by_budget] if set(by_budget) - {1.0, None} else list(by_budget)
+        if not keys:
+            continue
+        kept = " / ".join("100%" if k == 1.0 else "?" if k is None else f"{100 * k:g}%" for k in keys)
+        cells = [name, kept]
+        any_ok = any(r.get("available") for k in keys for r in by_budget[k].values())
+        if not any_ok:
+            reason = next(iter(by_budget[keys[0]].values())).get("reason") or ""
+            lines.append("| " + " | ".join(cells + [f"unavailable: {reason.split(';')[0]}"] + ["–"] * 4)
+                         + " |")
+            continue
+        for task, key in (("passkey", "score"), ("needles", "score"), ("consistency", "score"),
+                          ("passkey", "peak_cache_bytes"), ("passkey", "decode_tok_s")):
+            cells.append(" / ".join(fmt(by_budget[k].get(task), key) for k in keys))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _flat(r: dict[str, Any]) -> dict[str, Any]:
     d = {k: r.get(k) for k in CSV_FIELDS}
     ms = r.get("decode_ms_per_token") or {}
@@ -187,17 +231,20 @@ transformers {m['transformers']}; finished {meta['finished']}{' (--quick)' if me
 
 def write_reports(out: ResultsDir, meta: dict[str, Any], infos: Sequence[SystemInfo],
                   rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write results.json, results.csv, results.md, plots/*.png and report.html; return the results."""
+    """Write results.json, results.csv, results.md, headline.md, plots/*.png and report.html; return the
+    results."""
     add_relative(rows)
     results = {"meta": meta, "rows": rows}
     out.write_json("results.json", results)
     out.write_text("results.csv", csv_text(rows))
     md = markdown(meta, infos, rows)
     out.write_text("results.md", md)
+    top = headline(rows, meta["budgets"])
+    out.write_text("headline.md", top)
     plots = all_plots(rows)
     for name, data in plots.items():
         out.write_bytes(f"plots/{name}", data)
-    out.write_text("report.html", html_report(meta, md, plots))
+    out.write_text("report.html", html_report(meta, top + "\nEvery row, every task:\n\n" + md, plots))
     return results
 
 
