@@ -7,7 +7,9 @@
 Measures held-out perplexity (the shipped prose split), passkey accuracy with a full cache at several
 contexts and depths, key-value and multi-needle retrieval accuracy (all on fresh prompts: seeds from
 kvcache.bench.tasks.EVAL_SEED_BASE, filler from held-out prose) and three greedy samples. Every number in the
-card comes from DIR/train_log.json and DIR/eval.json.
+card comes from DIR/train_log.json and DIR/eval.json. Generation goes through kvcache.generate with the full
+(dynamic) cache, and the tasks and scoring are kvcache.bench's (accuracy.py, prompts.py): `kvcache bench`
+measures every other cache configuration with the same code.
 """
 
 from __future__ import annotations
