@@ -7,14 +7,15 @@
 Measures held-out perplexity (the shipped prose split), passkey accuracy with a full cache at several
 contexts and depths, key-value and multi-needle retrieval accuracy (all on fresh prompts: seeds from
 kvcache.bench.tasks.EVAL_SEED_BASE, filler from held-out prose) and three greedy samples. Every number in the
-card comes from DIR/train_log.json and DIR/eval.json.
+card comes from DIR/train_log.json and DIR/eval.json. Generation goes through kvcache.generate with the full
+(dynamic) cache, and the tasks and scoring are kvcache.bench's (accuracy.py, prompts.py): `kvcache bench`
+measures every other cache configuration with the same code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -22,18 +23,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from standalone import ROOT, load_module, write_text  # scripts/ is on sys.path when a script runs
+from standalone import ROOT, write_text  # scripts/ is on sys.path when a script runs
 
-_tasks = load_module("kvcache_bench_tasks", "bench/tasks.py")
-_corpus = load_module("kvcache_models_corpus", "models/corpus.py")
-
-EVAL_SEED_BASE, Filler, TaskExample = _tasks.EVAL_SEED_BASE, _tasks.Filler, _tasks.TaskExample
-is_correct, make_task = _tasks.is_correct, _tasks.make_task
-load_eval_split, prose_paragraphs, split_sentences = (
-    _corpus.load_eval_split, _corpus.prose_paragraphs, _corpus.split_sentences)
+from kvcache.bench.accuracy import greedy_texts, heldout_perplexity, retrieval_accuracy
+from kvcache.bench.prompts import DEPTHS, prose_filler, retrieval_examples
+from kvcache.bench.tasks import EVAL_SEED_BASE
+from kvcache.models.corpus import load_eval_split
 
 EVAL_DIR = ROOT / "src" / "kvcache" / "models" / "default" / "eval"
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SAMPLE_PROMPTS = ("The list type", "When an exception is raised,", "A function definition")
 
 
@@ -46,71 +43,32 @@ def load(path: Path, device: torch.device):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
     return model, tok
-
-
-@torch.no_grad()
-def perplexity(model, tok, texts: list[str], seq_len: int, device: torch.device) -> dict:
-    """Token-level perplexity of the held-out prose, in non-overlapping windows of ``seq_len`` tokens."""
-    stream: list[int] = []
-    for t in texts:
-        stream += tok(t)["input_ids"] + [tok.eos_token_id]
-    nll, count = 0.0, 0
-    for i in range(0, len(stream) - 1, seq_len):
-        ids = torch.tensor([stream[i:i + seq_len + 1]], device=device)
-        if ids.shape[1] < 2:
-            break
-        logits = model(input_ids=ids[:, :-1]).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return {"perplexity": round(math.exp(nll / count), 3), "tokens": count, "window": seq_len}
-
-
-@torch.no_grad()
-def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations with the model's default (full, dynamic) cache; left padding for batches."""
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
-
-
-def accuracy(model, tok, examples: list[TaskExample], batch_size: int) -> tuple[list[bool], float]:
-    answers = greedy(model, tok, [e.prompt for e in examples], max_new_tokens=8, batch_size=batch_size)
-    lengths = [len(tok(e.prompt)["input_ids"]) for e in examples]
-    return [is_correct(e, a) for e, a in zip(examples, answers, strict=False)], sum(lengths) / len(lengths)
 
 
 def run_eval(path: Path, device: torch.device, n: int, contexts: list[int], batch_size: int) -> dict:
     model, tok = load(path, device)
     prose = load_eval_split(EVAL_DIR / "prose.jsonl")
-    sentences = [s for d in prose for p in prose_paragraphs(d.text) for s in split_sentences(p)]
-
-    def count(xs: list[str]) -> list[int]:
-        return [len(ids) for ids in tok(xs, add_special_tokens=False)["input_ids"]]
-
-    filler = Filler(sentences, count)
+    filler = prose_filler(prose, tok)
     max_pos = model.config.max_position_embeddings
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "prompts_per_context": n, "seed_base": EVAL_SEED_BASE, "filler": "held-out prose"}
+                    "prompts_per_context": n, "seed_base": EVAL_SEED_BASE, "filler": "held-out prose",
+                    "cache": "dynamic (kvcache.generate)"}
     t0 = time.time()
-    result["heldout"] = perplexity(model, tok, [d.text for d in prose], min(1024, max_pos), device)
+    result["heldout"] = heldout_perplexity(model, tok, [d.text for d in prose], min(1024, max_pos))
     log(f"held-out perplexity {result['heldout']['perplexity']} over {result['heldout']['tokens']} tokens")
 
     for kind, kind_contexts in (("passkey", contexts), ("kv", [c for c in contexts if c <= 1024]),
                                 ("multi_needle", [c for c in contexts if c in (512, 1024)] or contexts[:1])):
         rows = []
+        # the bench builds its examples (same seeds) through the same function
+        all_examples = retrieval_examples(kind, filler, kind_contexts, n)
         for ci, ctx in enumerate(kind_contexts):
             if ctx > max_pos:
                 continue
-            examples = [make_task(kind, filler, ctx, depth=DEPTHS[i % len(DEPTHS)],
-                                  seed=EVAL_SEED_BASE + ci * 100_000 + i + 10_000 * len(kind))
-                        for i in range(n)]
-            ok, mean_len = accuracy(model, tok, examples, max(1, batch_size * 1024 // max(ctx, 1024)))
+            examples = all_examples[ci * n:(ci + 1) * n]
+            ok, mean_len = retrieval_accuracy(model, tok, examples,
+                                              batch_size=max(1, batch_size * 1024 // max(ctx, 1024)))
             by_depth = {f"{d:g}": round(sum(o for o, e in zip(ok, examples, strict=False) if e.depth == d)
                                         / max(1, sum(e.depth == d for e in examples)), 4)
                         for d in DEPTHS} if kind == "passkey" else None
@@ -121,7 +79,7 @@ def run_eval(path: Path, device: torch.device, n: int, contexts: list[int], batc
             rows.append(row)
             log(f"{kind} @ {ctx}: {row['accuracy']:.3f} (mean prompt {mean_len:.0f} tokens)")
         result[kind] = rows
-    samples = greedy(model, tok, list(SAMPLE_PROMPTS), max_new_tokens=48, batch_size=1)
+    samples = greedy_texts(model, tok, list(SAMPLE_PROMPTS), max_new_tokens=48, batch_size=1)
     result["samples"] = [{"prompt": p, "continuation": s}
                          for p, s in zip(SAMPLE_PROMPTS, samples, strict=True)]
     result["eval_wall_time_s"] = round(time.time() - t0, 1)

@@ -81,6 +81,55 @@ def generate_command(
     opts.print_result(result, json_output)
 
 
+@app.command("bench")
+def bench_command(
+    out: str = typer.Option(..., "--out", "-o",
+                            help="Results folder (created; a finished row is never redone)."),
+    model: str = typer.Option("default", "--model", "-m",
+                              help="'default' (bundled) or a local model directory."),
+    specs: str = typer.Option("full,static,dynamic", "--specs",
+                              help="Comma-separated cache specs; 'full' (the baseline) is always run."),
+    tasks: str = typer.Option("passkey,needles,ppl,consistency,speed", "--tasks",
+                              help="Of: passkey, needles, kv, ppl, consistency, speed."),
+    peers: str = typer.Option("hf,kvpress", "--peers",
+                              help="Of: hf (transformers' caches), kvpress (side environment); '': none."),
+    budgets: str = typer.Option("0.5,0.25,0.1", "--budgets", help="Kept fractions for the kvpress presses."),
+    presses: str = typer.Option("", "--presses", help="kvpress presses (default: all compared)."),
+    quick: bool = typer.Option(False, "--quick", help="Small prompt sets, one budget: a few minutes."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1: stable timings)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Repeats of each speed measurement."),
+    kvpress_python: str | None = typer.Option(None, "--kvpress-python",
+                                              help="Python of the kvpress side environment."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+) -> None:
+    """Quality, memory and speed of cache specs side by side with peers: JSON, CSV, Markdown, plots, HTML."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from kvcache.bench.runner import BenchConfig, parse_list, run_bench
+    from kvcache.errors import KVCacheError
+
+    try:
+        budget_list = [float(b) for b in parse_list(budgets)]
+        if quick and budgets == "0.5,0.25,0.1":
+            budget_list = [0.5]
+        cfg = BenchConfig(out=Path(out), model=model, specs=parse_list(specs), tasks=parse_list(tasks),
+                          peers=parse_list(peers), budgets=budget_list, quick=quick, threads=threads,
+                          speed_repeats=1 if quick and repeats == 3 else repeats,
+                          kvpress_python=Path(kvpress_python) if kvpress_python else None,
+                          command="kvcache " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        if presses:
+            cfg.presses = parse_list(presses)
+        cfg.check()
+        results = run_bench(cfg, progress=progress)
+    except (KVCacheError, ValueError, OSError) as err:
+        opts.exit_with_error(err)
+    typer.echo((Path(out) / "results.md").read_text())
+    typer.echo(f"wrote {out}/: results.json, results.csv, results.md, plots/, report.html "
+               f"({len(results['rows'])} rows)", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

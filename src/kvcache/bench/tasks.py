@@ -240,7 +240,13 @@ def make_task(kind: str, filler: Filler, context_tokens: int, *, seed: int,
     raise ValueError(f"unknown task kind {kind!r}; choose one of: {', '.join(TASK_KINDS)}")
 
 
+def answer_matches(answer: str, generated: str) -> bool:
+    """True when ``generated`` starts (after spaces) with exactly the number in ``answer`` (``" 48213"``):
+    ``" 482130"`` and ``" 4821"`` are wrong."""
+    match = _NUMBER.match(generated)
+    return match is not None and match.group(1) == answer.strip()
+
+
 def is_correct(example: TaskExample, generated: str) -> bool:
     """True when the generated continuation starts with exactly the expected number."""
-    match = _NUMBER.match(generated)
-    return match is not None and match.group(1) == example.answer.strip()
+    return answer_matches(example.answer, generated)
