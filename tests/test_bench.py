@@ -197,7 +197,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(model_dir: Path, out: Path, **kw: object) -> BenchConfig:
     base = dict(out=out, model=str(model_dir),
-                specs=["full", "static", "keyformer:budget=0.5", "ort:dynamic"],
+                specs=["full", "static", "keyformer:budget=0.5", "int4", "ort:dynamic"],
                 tasks=["passkey", "needles", "ppl", "consistency", "speed"], peers=["hf", "kvpress"],
                 budgets=[0.5], quick=True, speed_repeats=2, settings=TINY,
                 kvpress_python=out.parent / "no-such-python")
@@ -211,15 +211,19 @@ def test_smoke_run_writes_every_output_well_formed(tiny_model_dir: Path, tmp_pat
     data = json.loads((out / "results.json").read_text())
     assert data["rows"] == json.loads(json.dumps(results["rows"]))
     labels = {r["system"] for r in data["rows"]}
-    assert {"full", "static", "keyformer:budget=0.5", "hf DynamicCache", "kvpress SnapKV 50%"} <= labels
+    assert {"full", "static", "keyformer:budget=0.5", "int4", "hf DynamicCache",
+            "kvpress SnapKV 50%"} <= labels
     by = {(r["system"], r["task"]): r for r in data["rows"]}
     assert by[("full", "consistency")]["score"] == 1.0 and by[("full", "passkey")]["relative"] in (1.0, None)
     assert by[("static", "ppl")]["score"] == pytest.approx(by[("full", "ppl")]["score"], rel=1e-4)
     assert by[("full", "speed")]["details"]["by_context"][0]["decode_ms_per_token"]["n"] == 2
     assert by[("full", "passkey")]["cache_bytes"] > 0 and by[("full", "passkey")]["peak_rss_bytes"] > 0
-    # not-yet-built specs and missing peers are rows with their reason, never hidden
-    assert not by[("keyformer:budget=0.5", "passkey")]["available"]
-    assert "not available yet" in by[("keyformer:budget=0.5", "passkey")]["reason"]
+    # a policy row holds less memory than the full cache; not-yet-built specs and missing peers are rows
+    # with their reason, never hidden
+    assert by[("keyformer:budget=0.5", "passkey")]["available"]
+    assert by[("keyformer:budget=0.5", "passkey")]["cache_bytes"] < by[("full", "passkey")]["cache_bytes"]
+    assert not by[("int4", "passkey")]["available"]
+    assert "not available yet" in by[("int4", "passkey")]["reason"]
     assert "peer-env.sh kvpress" in by[("kvpress SnapKV 50%", "ppl")]["reason"]
     # the ONNX Runtime row generates what the PyTorch full cache generates; it has no streaming scorer yet
     ort_rows = json.loads((out / "rows" / "ort_dynamic__consistency.json").read_text())
@@ -230,7 +234,7 @@ def test_smoke_run_writes_every_output_well_formed(tiny_model_dir: Path, tmp_pat
     top = (out / "headline.md").read_text()
     assert "| kvpress SnapKV | 50% |" in top and "| full | 100% |" in top
     md = (out / "results.md").read_text()
-    assert md.startswith("| system |") and "unavailable: cache spec 'keyformer:budget=0.5'" in md
+    assert md.startswith("| system |") and "unavailable: cache spec 'int4'" in md
     for name in ("score_vs_budget", "cache_bytes_vs_context", "decode_ms_vs_context"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()

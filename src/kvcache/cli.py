@@ -82,6 +82,7 @@ def generate_command(
 
 
 @app.command("bench")
+@guarded
 def bench_command(
     out: str = typer.Option(..., "--out", "-o",
                             help="Results folder (created; a finished row is never redone)."),
@@ -108,23 +109,19 @@ def bench_command(
     from pathlib import Path
 
     from kvcache.bench.runner import BenchConfig, parse_list, run_bench
-    from kvcache.errors import KVCacheError
 
-    try:
-        budget_list = [float(b) for b in parse_list(budgets)]
-        if quick and budgets == "0.5,0.25,0.1":
-            budget_list = [0.5]
-        cfg = BenchConfig(out=Path(out), model=model, specs=parse_list(specs), tasks=parse_list(tasks),
-                          peers=parse_list(peers), budgets=budget_list, quick=quick, threads=threads,
-                          speed_repeats=1 if quick and repeats == 3 else repeats,
-                          kvpress_python=Path(kvpress_python) if kvpress_python else None,
-                          command="kvcache " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-        if presses:
-            cfg.presses = parse_list(presses)
-        cfg.check()
-        results = run_bench(cfg, progress=progress)
-    except (KVCacheError, ValueError, OSError) as err:
-        opts.exit_with_error(err)
+    budget_list = [float(b) for b in parse_list(budgets)]
+    if quick and budgets == "0.5,0.25,0.1":
+        budget_list = [0.5]
+    cfg = BenchConfig(out=Path(out), model=model, specs=parse_list(specs), tasks=parse_list(tasks),
+                      peers=parse_list(peers), budgets=budget_list, quick=quick, threads=threads,
+                      speed_repeats=1 if quick and repeats == 3 else repeats,
+                      kvpress_python=Path(kvpress_python) if kvpress_python else None,
+                      command="kvcache " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if presses:
+        cfg.presses = parse_list(presses)
+    cfg.check()
+    results = run_bench(cfg, progress=progress)
     typer.echo((Path(out) / "results.md").read_text())
     typer.echo(f"wrote {out}/: results.json, results.csv, results.md, plots/, report.html "
                f"({len(results['rows'])} rows)", err=True)
