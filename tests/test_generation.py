@@ -263,3 +263,16 @@ def test_capacity_error_from_a_growable_layout_ends_cleanly(model, tokenizer, mo
     prompt_len = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
     assert got.finish_reasons == ["capacity"] * 3
     assert got.token_ids == [ids[: 24 - prompt_len + 1] for ids in full.token_ids]
+
+
+def test_generate_ids_equals_generate_on_the_same_tokens(model, tokenizer):
+    from kvcache.generation import generate_ids
+    from kvcache.prompts import left_pad
+
+    ids, mask = left_pad(tokenizer, PROMPTS, None)
+    for cache in ("dynamic", "h2o:budget=0.5"):
+        ref = generate(model, tokenizer, PROMPTS, cache=cache, max_new_tokens=6, eos_token_id=[])
+        got = generate_ids(model, tokenizer, ids, mask, cache=cache, max_new_tokens=6, eos_token_id=[])
+        assert got.token_ids == ref.token_ids and got.texts == ref.texts
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        generate_ids(model, tokenizer, ids[0], max_new_tokens=2)

@@ -31,7 +31,8 @@ from kvcache.sampling import Sampler, make_generator
 from kvcache.spec import CacheSpec
 from kvcache.stopping import StopChecker
 
-__all__ = ["PROGRESS_MIN_TOKENS", "GenerationResult", "GenerationStats", "TorchStep", "generate"]
+__all__ = ["PROGRESS_MIN_TOKENS", "GenerationResult", "GenerationStats", "TorchStep", "generate",
+           "generate_ids"]
 
 
 def generate(
@@ -104,9 +105,59 @@ def generate(
                                  model.config)
     checker = StopChecker(tokenizer, eos, stop_strings(stop))
 
+    input_ids, attention_mask = left_pad(tokenizer, prompt_list, model.get_input_embeddings().num_embeddings)
+    return _generate_ids(model, input_ids, attention_mask, spec=spec, max_new_tokens=max_new_tokens,
+                         sampler=sampler, checker=checker, pad_id=pad_id, seed=seed,
+                         prefill_chunk_size=prefill_chunk_size, hooks=hooks, progress=progress)
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    cache: str | CacheSpec = "dynamic",
+    max_new_tokens: int = 64,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    prefill_chunk_size: int = 512,
+    hooks: DecodeHooks | None = None,
+) -> GenerationResult:
+    """Greedy :func:`generate` from token ids already prepared (benchmarks: exact prompt lengths).
+
+    Parameters
+    ----------
+    input_ids:
+        ``(B, T)`` prompt ids, left-padded.
+    attention_mask:
+        ``(B, T)`` 1 for real tokens, 0 for the left padding (``None``: all real).
+    tokenizer:
+        Decodes the result's texts.
+    """
+    validate.check_model(model, tokenizer)
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    validate.check_int("max_new_tokens", max_new_tokens, minimum=1)
+    validate.check_int("prefill_chunk_size", prefill_chunk_size, minimum=1)
+    eos, pad_id = special_tokens(eos_token_id, tokenizer, getattr(model, "generation_config", None),
+                                 model.config)
+    return _generate_ids(model, input_ids, attention_mask.to(torch.long), spec=CacheSpec.parse(cache),
+                         max_new_tokens=max_new_tokens, sampler=Sampler(),
+                         checker=StopChecker(tokenizer, eos),
+                         pad_id=pad_id, seed=seed, prefill_chunk_size=prefill_chunk_size, hooks=hooks,
+                         progress=False)
+
+
+def _generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, spec: CacheSpec,
+                  max_new_tokens: int, sampler: Sampler, checker: StopChecker, pad_id: int, seed: int | None,
+                  prefill_chunk_size: int, hooks: DecodeHooks | None,
+                  progress: bool | None) -> GenerationResult:
+    """Build the cache for ``spec`` and run the decode driver over the model's step function."""
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    input_ids, attention_mask = left_pad(tokenizer, prompt_list, model.get_input_embeddings().num_embeddings)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
     check_fits(model.config, spec, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
