@@ -116,5 +116,7 @@ class Policy:
     # ----- selection ----------------------------------------------------------------------------------
     def score(self, runner: PolicyRunner, layer: PolicyLayer) -> torch.Tensor:
         """``(B, H_kv, T_held)`` float scores of the held slots: higher is kept first. Slots without a real
-        token and the recent window are handled by the selection, whatever their score."""
-        raise NotImplementedError
+        token and the recent window are handled by the selection, whatever their score. Default: the
+        running scores :meth:`accumulate` built from attention."""
+        assert layer.scores is not None, "score() on an empty layer"
+        return layer.scores

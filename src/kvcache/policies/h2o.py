@@ -17,7 +17,6 @@ from kvcache.params import ParamInfo
 from kvcache.policies.base import POLICY_BASE_PARAMS, Policy, window_param
 
 if TYPE_CHECKING:
-    from kvcache.policies.layer import PolicyLayer
     from kvcache.policies.runner import PolicyRunner
 
 __all__ = ["H2O"]
@@ -38,7 +37,3 @@ class H2O(Policy):
 
     def request(self, runner: PolicyRunner, layer_idx: int) -> StatsRequest:
         return StatsRequest("weights", "sum")
-
-    def score(self, runner: PolicyRunner, layer: PolicyLayer) -> torch.Tensor:
-        assert layer.scores is not None
-        return layer.scores

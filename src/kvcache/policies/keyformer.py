@@ -22,7 +22,6 @@ from kvcache.params import ParamInfo
 from kvcache.policies.base import POLICY_BASE_PARAMS, Policy, window_param
 
 if TYPE_CHECKING:
-    from kvcache.policies.layer import PolicyLayer
     from kvcache.policies.runner import PolicyRunner
 
 __all__ = ["Keyformer", "gumbel_scores", "temperature"]
@@ -84,8 +83,3 @@ class Keyformer(Policy):
             return gumbel_scores(logits, noise, tau)
 
         return StatsRequest("logits", "sum", transform=perturbed)
-
-    def score(self, runner: PolicyRunner, layer: PolicyLayer) -> torch.Tensor:
-        assert layer.scores is not None
-        return layer.scores
-

@@ -54,7 +54,3 @@ class SnapKV(Policy):
         pooled = torch.nn.functional.avg_pool1d(votes.reshape(b * h, 1, t), POOL, stride=1, padding=POOL // 2,
                                                 count_include_pad=False)
         layer.set_scores(pooled.reshape(b, h, t))
-
-    def score(self, runner: PolicyRunner, layer: PolicyLayer) -> torch.Tensor:
-        assert layer.scores is not None
-        return layer.scores

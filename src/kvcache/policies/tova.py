@@ -36,7 +36,3 @@ class TOVA(Policy):
 
     def accumulate(self, runner: PolicyRunner, layer: PolicyLayer, stats: torch.Tensor) -> None:
         layer.set_scores(stats[:, :, -1])
-
-    def score(self, runner: PolicyRunner, layer: PolicyLayer) -> torch.Tensor:
-        assert layer.scores is not None
-        return layer.scores
