@@ -56,7 +56,8 @@ TOTAL_DIM = "total_sequence_length"
 
 #: prefix of the metadata keys the injector writes (values are strings)
 META_PREFIX = "kvcache."
-#: metadata keys: "1" once injected; architecture (``config.model_type``); layer/head counts; head size;
+#: metadata keys: "1" once injected; architecture (``config.model_type``); layer/head counts; head size
+#: (KV heads and head size: one number, or one per layer, comma-separated, when layers differ);
 #: "1" when ``attn_scores.{i}`` outputs exist
 META_INJECTED = META_PREFIX + "injected"
 META_ARCHITECTURE = META_PREFIX + "architecture"
