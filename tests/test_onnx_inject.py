@@ -46,6 +46,7 @@ from onnx_fixtures import (
 from kvcache.errors import KVCacheError
 from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES, random_model
 from kvcache.onnx import names
+from kvcache.onnx.check import check_graph
 from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.inject import KVCacheInjector, inject_file
 
@@ -210,6 +211,10 @@ def test_plain_graph_takes_logical_positions(onnx_exports) -> None:
         plain = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     assert relative_error(got, want, mask) < 1e-4
     assert relative_error(plain, want, mask) > 1e-3  # the arange positions would not do in the padded row
+    # what the graph computed is recorded, so `kvcache onnx check` can feed the same (slot) positions
+    meta = {p.key: p.value for p in onnx.load(str(d / "model_kvcache.onnx")).metadata_props}
+    assert meta[names.META_POSITIONS] == "arange"
+    assert check_graph(d / "model.onnx", d / "model_kvcache.onnx", batch=3).ok
 
 
 def test_opset23_fused_attention_op(onnx_exports) -> None:

@@ -194,9 +194,10 @@ class KVCacheInjector:
         probe = probe_shapes(model, batch, seq)
         probe2 = probe_shapes(model, batch, seq2)
         sites = self.find_sites(g, probe, probe2, batch, seq, seq2)
+        self.positions = "input" if names.POSITION_IDS in g.inputs else "none"
         if self.arch not in NO_POSITION_IDS and names.POSITION_IDS not in g.inputs:
             # the graph computes arange(seq) itself: every step would restart at 0 unless replaced
-            rewrite_positions(g, sites, probe, batch, seq, self.arch)
+            self.positions = rewrite_positions(g, sites, probe, batch, seq, self.arch)
         # before any edit: sizes the exporter read from the mask are split into current/total lengths
         split_mask_sizes(g, sites, probe)
         builder = MaskBuilder(g)
@@ -241,6 +242,7 @@ class KVCacheInjector:
             names.META_NUM_KV_HEADS: _per_layer(self.kv_heads),
             names.META_HEAD_DIM: _per_layer(self.head_dims),
             names.META_ATTENTION_STATS: "1" if self.attention_stats else "0",
+            names.META_POSITIONS: self.positions,
         }
         kept = [p for p in model.metadata_props if p.key not in meta]
         del model.metadata_props[:]

@@ -66,6 +66,10 @@ META_NUM_HEADS = META_PREFIX + "num_heads"
 META_NUM_KV_HEADS = META_PREFIX + "num_kv_heads"
 META_HEAD_DIM = META_PREFIX + "head_dim"
 META_ATTENTION_STATS = META_PREFIX + "attention_stats"
+#: where the original graph's positions came from: "input" (a position_ids input), "none" (ALiBi),
+#: "arange" (computed: slot indices, padding included) or "cumsum" (computed: real tokens seen, OPT); the
+#: last two were replaced by the ``position_ids`` input (``kvcache.onnx.rewrite_positions``)
+META_POSITIONS = META_PREFIX + "positions"
 
 _CACHE_RE = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 

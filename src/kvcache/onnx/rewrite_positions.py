@@ -166,8 +166,9 @@ def _reaches_model(g: Graph, start: list[str], closure: set[str],
 
 
 def find_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, TensorInfo], batch: int,
-                   seq: int) -> list[tuple[str, onnx.NodeProto]]:
-    """``(position tensor, consumer)`` pairs where computed positions enter the position encoding."""
+                   seq: int) -> list[tuple[str, onnx.NodeProto, str]]:
+    """``(position tensor, consumer, kind)`` where computed positions enter the position encoding; kind is
+    ``"arange"`` or ``"cumsum"`` (see :func:`_position_kind`)."""
     closure = size_closure(g)
     candidates = []
     for t in sorted(closure):
@@ -179,7 +180,8 @@ def find_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, Tensor
             candidates.append(t)  # [1 | batch, seq, 1, ...]: the exporter may have merged later unsqueezes
     values = _evaluate(g, candidates, probe, batch, seq) if candidates else {}
     mask = _probe_feeds(batch, seq)[names.ATTENTION_MASK]
-    positions = {t for t, v in values.items() if _position_kind(np.asarray(v), mask) is not None}
+    kinds = {t: _position_kind(np.asarray(v), mask) for t, v in values.items()}
+    positions = {t for t, kind in kinds.items() if kind is not None}
     entries = {(e.node.output[0], e.index) for s in sites for e in s.mask_edits}
     found = []
     for t in sorted(positions):
@@ -192,18 +194,19 @@ def find_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, Tensor
             if (sizes or consumer.output[0] in closure) and \
                     _reaches_model(g, list(consumer.output), closure, entries) is None:
                 continue  # only the mask (replaced by the mask pass) uses it
-            found.append((t, consumer))
+            found.append((t, consumer, str(kinds[t])))
     return found
 
 
-def add_position_ids(g: Graph, uses: list[tuple[str, onnx.NodeProto]], probe: dict[str, TensorInfo]) -> None:
+def add_position_ids(g: Graph, uses: list[tuple[str, onnx.NodeProto, str]],
+                     probe: dict[str, TensorInfo]) -> None:
     """Add the ``position_ids`` ``[batch, seq]`` input and point every ``uses`` consumer at it."""
     dims = [d for i in g.g.input if i.name == names.INPUT_IDS for d in i.type.tensor_type.shape.dim]
     shape = [d.dim_param or d.dim_value or None for d in dims] or [names.BATCH_DIM, names.SEQUENCE_DIM]
     g.g.input.append(helper.make_tensor_value_info(names.POSITION_IDS, TensorProto.INT64, shape))
     g.inputs.add(names.POSITION_IDS)
     made: dict[tuple[int, int], str] = {}
-    for tensor, consumer in uses:
+    for tensor, consumer, _ in uses:
         info = probe[tensor]
         key = (info.elem_type, len(info.shape or ()))
         if key not in made:
@@ -217,7 +220,7 @@ def add_position_ids(g: Graph, uses: list[tuple[str, onnx.NodeProto]], probe: di
         for k, name in enumerate(consumer.input):
             if name == tensor:
                 g.replace_input(consumer, k, made[key])
-    _batch_reshapes(g, [c for _, c in uses], probe)
+    _batch_reshapes(g, [c for _, c, _ in uses], probe)
 
 
 def _batch_reshapes(g: Graph, start: list[onnx.NodeProto], probe: dict[str, TensorInfo]) -> None:
@@ -239,8 +242,9 @@ def _batch_reshapes(g: Graph, start: list[onnx.NodeProto], probe: dict[str, Tens
         if node.op_type == "Reshape" and len(node.input) > 1:
             target = g.const_value(node.input[1])
             info = probe.get(node.input[0])
-            if target is not None and target.ndim == 1 and target.size and target[0] == 1 and 0 not in target \
-                    and info is not None and info.shape and info.shape[0] == 1:
+            leading_one = target is not None and target.ndim == 1 and target.size and target[0] == 1 \
+                and 0 not in target
+            if leading_one and info is not None and info.shape and info.shape[0] == 1:
                 fixed = target.copy()
                 fixed[0] = 0
                 g.replace_input(node, 1, g.const(fixed, np.int64, hint="batch_reshape"))
@@ -256,7 +260,7 @@ def check_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, Tenso
     """Every layer's keys depend on ``position_ids``, and no computed position reaches the model any more."""
     left = find_positions(g, sites, probe, batch, seq)
     if left:
-        tensor, consumer = left[0]
+        tensor, consumer, _ = left[0]
         raise KVCacheError(f"{arch}: positions computed in the graph ({tensor!r}) still reach "
                            f"{consumer.op_type} node {consumer.name!r} after the position rewrite; every "
                            "step would restart at position 0. Export with a position_ids input")
@@ -273,9 +277,14 @@ def check_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, Tenso
 
 
 def rewrite_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, TensorInfo], batch: int,
-                      seq: int, arch: str) -> int:
-    """Apply the pass (pattern, rewrite, check); returns the number of inputs repointed."""
+                      seq: int, arch: str) -> str:
+    """Apply the pass (pattern, rewrite, check).
+
+    Returns what the graph computed, for :data:`kvcache.onnx.names.META_POSITIONS`: ``"arange"`` (slot
+    indices, padding included) or ``"cumsum"`` (real tokens seen).
+    """
     uses = find_positions(g, sites, probe, batch, seq)
+    kinds = sorted({kind for _, _, kind in uses})
     if not uses:
         raise KVCacheError(f"{arch}: layer 0: the graph has no position_ids input and no sub-graph computing "
                            "token positions (Range over Shape(input_ids), ConstantOfShape+CumSum, or "
@@ -283,4 +292,4 @@ def rewrite_positions(g: Graph, sites: list[AttentionSite], probe: dict[str, Ten
                            "with a position_ids input")
     add_position_ids(g, uses, probe)
     check_positions(g, sites, probe, batch, seq, arch)
-    return len(uses)
+    return ",".join(kinds)
