@@ -6,6 +6,10 @@ variants (llama, bloom, and llama at opset 23) are exported live, so compatibili
 exporter is still exercised, and the other 19 variants are injected from pre-exported graphs in
 ``tests/fixtures/onnx/``, whose sha256 sums are checked against ``MANIFEST.json``.
 
+Plain exports (from ``(input_ids, attention_mask)`` only, so the graph computes its own positions and the
+injector's position rewrite gives it a ``position_ids`` input) run over the same matrix: the legacy ones
+live, the dynamo ones and the legacy ones made with transformers 4.46 from fixtures.
+
 Regenerate the fixtures after changing the tiny model settings, the matrix or the exporter code with::
 
     python scripts/make_onnx_fixtures.py            # ~6-10 min of CPU; then commit tests/fixtures/onnx/
