@@ -1,24 +1,35 @@
-"""Export the pre-built dynamo graphs of the ONNX injection test matrix into ``tests/fixtures/onnx/``.
+"""Export the pre-built graphs of the ONNX injection test matrix into ``tests/fixtures/onnx/``.
 
-The dynamo exporter takes 15-40 s per tiny model, too slow to run the whole matrix live on every test run.
-This script exports every variant of ``tests/onnx_fixtures.DYNAMO_FIXTURES`` once, with the tiny random models
-of ``fixture_model`` (the tests' ``TINY`` settings with a 64-entry position table, to keep the files small)
-and the exporter settings the tests use, and writes per variant::
+The dynamo exporter takes 15-40 s per tiny model, too slow to run the whole matrix live on every test run,
+and graphs made with an older transformers release need a side environment. This script exports every
+variant of ``tests/onnx_fixtures.FIXTURE_VARIANTS`` once, with the tiny random models of ``fixture_model``
+(the tests' ``TINY`` settings with a 64-entry position table, to keep the files small):
 
-    tests/fixtures/onnx/<arch>-<attn>-dynamo/model.onnx    # no-cache graph, weights embedded
-    tests/fixtures/onnx/<arch>-<attn>-dynamo/config.json   # what the injector reads
-    tests/fixtures/onnx/MANIFEST.json                      # versions, exporter, opset, sha256 per file
+* ``<arch>-<attn>-dynamo``: dynamo exporter, with a ``position_ids`` input (``kvcache onnx export``);
+* ``<arch>-<attn>-dynamo-plain``: dynamo exporter, from ``(input_ids, attention_mask)`` only
+  (``scripts/export_plain.py``): the graph computes its own positions;
+* ``<arch>-<attn>-legacy-plain-transformers4``: the same plain export by the legacy exporter, made with
+  transformers 4.4x in the side environment of ``scripts/peer-env.sh`` (run there as a subprocess:
+  ``--old-python``, default ``/tmp/kvcache-transformers4/bin/python``).
+
+and writes per variant::
+
+    tests/fixtures/onnx/<variant>/model.onnx    # no-cache graph, weights embedded
+    tests/fixtures/onnx/<variant>/config.json   # what the injector reads
+    tests/fixtures/onnx/MANIFEST.json           # versions, exporter, opset, sha256 per file
 
 The exporter's per-node debug metadata (``metadata_props``: stack traces with local paths, FX node dumps;
 about 60% of the file) is dropped, which leaves the computation unchanged; the injector reads only the
-graph itself. Each kept graph is checked against the PyTorch model's logits. Variant directories and the
-manifest are replaced atomically (staged beside the target, then ``os.replace``), so an interrupted run
-leaves the previous fixtures intact.
+graph itself. Each kept graph is checked against the PyTorch model's logits (the old-release ones in the
+side environment). Variant directories and the manifest are replaced atomically (staged beside the
+target, then ``os.replace``), so an interrupted run leaves the previous fixtures intact.
 
-Usage (about 6-10 minutes of CPU for the whole matrix)::
+Usage (about 15-20 minutes of CPU for everything)::
 
+    bash scripts/peer-env.sh transformers4                  # once: the transformers 4.4x environment
     python scripts/make_onnx_fixtures.py                    # every variant
     python scripts/make_onnx_fixtures.py mistral-sdpa-dynamo  # only these, the rest of the manifest is kept
+    python scripts/make_onnx_fixtures.py --missing          # only variants not in the manifest yet
     python scripts/make_onnx_fixtures.py --check            # verify the files against the manifest
 """
 
@@ -28,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +49,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the matrix and model settings live with the tests
+sys.path.insert(0, str(ROOT / "scripts"))  # export_plain and its neighbour standalone
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
@@ -47,8 +60,9 @@ import transformers  # noqa: E402
 
 from kvcache.onnx.export import export_model  # noqa: E402
 
-EXPORTER = "dynamo"
-OPSET = 18  # export_model's dynamo default, spelled out so the manifest records it
+#: opset per exporter: export_model's defaults, spelled out so the manifest records them
+OPSETS = {"dynamo": 18, "legacy": 17}
+OLD_PYTHON = Path(os.environ.get("KVCACHE_OLD_PYTHON", "/tmp/kvcache-transformers4/bin/python"))
 
 
 def _versions() -> dict[str, str]:
@@ -69,6 +83,27 @@ def _strip_debug_metadata(graph: onnx.GraphProto) -> None:
                 _strip_debug_metadata(sub)
 
 
+def _compact_names(graph: onnx.GraphProto) -> None:
+    """Give intermediate tensors short names (``t0``, ``t1``...) and drop node names and value_info.
+
+    The legacy exporter names every tensor after its module path (``/model/model/layers.0/self_attn/...``):
+    about 40% of a tiny model's file. Graph inputs, outputs and initializers keep their names, and the
+    computation is unchanged; the injector matches by structure, not by name.
+    """
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
+    keep |= {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        node.name = ""
+        for out in node.output:
+            if out and out not in keep:
+                renamed[out] = f"t{len(renamed)}"
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    del graph.value_info[:]
+
+
 def _check_against_torch(model: torch.nn.Module, graph: Path, arch: str) -> float:
     """Relative error of the exported graph's logits against PyTorch on a left-padded batch of 2."""
     ids, mask, pos = fx.make_batch(2, 7)
@@ -84,28 +119,66 @@ def _check_against_torch(model: torch.nn.Module, graph: Path, arch: str) -> floa
     return err
 
 
-def export_variant(root: Path, arch: str, attn: str) -> dict[str, Any]:
+def _export_old(arch: str, attn: str, exporter: str, out: Path, python: Path) -> dict[str, Any]:
+    """Run ``export_plain.py`` in the older-transformers environment; returns its JSON summary."""
+    if not python.is_file():
+        raise SystemExit(f"{python} does not exist: make the side environment with "
+                         "`bash scripts/peer-env.sh transformers4` or pass --old-python")
+    cmd = [str(python), str(ROOT / "scripts" / "export_plain.py"), arch, attn, "--exporter", exporter,
+           "--opset", str(OPSETS[exporter]), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"{arch}/{attn} in {python}: export failed:\n{run.stderr[-2000:]}")
+    summary: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    if not summary["transformers"].startswith("4."):
+        raise SystemExit(f"{python} has transformers {summary['transformers']}, not a 4.x release")
+    return summary
+
+
+def export_variant(root: Path, variant: fx.Variant, old_python: Path = OLD_PYTHON) -> dict[str, Any]:
     """Export one variant into ``root/<name>/`` atomically; returns its manifest entry."""
-    name = fx.fixture_name(arch, attn, EXPORTER)
-    model = fx.fixture_model(arch, attn)
+    arch, attn, exporter, plain, release = variant
+    name = fx.fixture_name(*variant)
+    opset = OPSETS[exporter]
     stage = Path(tempfile.mkdtemp(prefix=f".stage-{name}-", dir=root))
     try:
         export_dir = stage / "export"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_model(model, export_dir, exporter=EXPORTER, opset=OPSET)
+        model = None
+        if release != "current":
+            made = _export_old(arch, attn, exporter, export_dir, old_python)
+            err = float(made["relative_error_vs_torch"])
+            versions = {k: made[k] for k in ("torch", "transformers", "onnx", "onnxruntime", "python")}
+        else:
+            model = fx.fixture_model(arch, attn)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if plain:
+                    import export_plain
+
+                    export_dir.mkdir()
+                    export_plain.export_plain(model, export_dir / "model.onnx", exporter, opset)
+                    model.config.save_pretrained(export_dir)
+                else:
+                    export_model(model, export_dir, exporter=exporter, opset=opset)
+            versions = _versions()
         keep = stage / "keep"
         keep.mkdir()
         proto = onnx.load(str(export_dir / "model.onnx"))
         _strip_debug_metadata(proto.graph)
+        if plain:  # the with-position_ids fixtures predate this and are kept byte for byte
+            _compact_names(proto.graph)
         onnx.checker.check_model(proto)
         onnx.save_model(proto, str(keep / "model.onnx"))
         shutil.copyfile(export_dir / "config.json", keep / "config.json")
         assert sorted(fx.FIXTURE_FILES) == ["config.json", "model.onnx"]
-        err = _check_against_torch(model, keep / "model.onnx", arch)
-        entry = {"arch": arch, "attn": attn, "exporter": EXPORTER, "opset": OPSET, "model": fx.FIXTURE_MODEL,
-                 "stripped": "node metadata_props (exporter debug info)",
-                 "relative_error_vs_torch": float(f"{err:.3g}"), **_versions(),
+        if model is not None:
+            err = _check_against_torch(model, keep / "model.onnx", arch)
+        inputs = [i.name for i in proto.graph.input]
+        entry = {"arch": arch, "attn": attn, "exporter": exporter, "opset": opset, "plain": plain,
+                 "release": release, "inputs": inputs, "model": fx.FIXTURE_MODEL,
+                 "stripped": "node metadata_props (exporter debug info)"
+                 + ("; node names, value_info, intermediate tensor names shortened" if plain else ""),
+                 "relative_error_vs_torch": float(f"{err:.3g}"), **versions,
                  "files": {f: fx.sha256(keep / f) for f in fx.FIXTURE_FILES}}
         target = root / name
         if target.exists():
@@ -118,8 +191,7 @@ def export_variant(root: Path, arch: str, attn: str) -> dict[str, Any]:
 
 def write_manifest(root: Path, variants: dict[str, Any]) -> None:
     """Write ``MANIFEST.json`` atomically."""
-    manifest = {"regenerate": fx.REGENERATE, "exporter": EXPORTER, "opset": OPSET,
-                "variants": dict(sorted(variants.items()))}
+    manifest = {"regenerate": fx.REGENERATE, "variants": dict(sorted(variants.items()))}
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=root)
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -130,8 +202,12 @@ def write_manifest(root: Path, variants: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("variants", nargs="*", help="variant names (default: all of DYNAMO_FIXTURES)")
+    parser.add_argument("variants", nargs="*", help="variant names (default: all of FIXTURE_VARIANTS)")
     parser.add_argument("--out", type=Path, default=fx.FIXTURE_ROOT, help="fixture folder")
+    parser.add_argument("--missing", action="store_true", help="only the variants not in the manifest")
+    parser.add_argument("--old-python", type=Path, default=OLD_PYTHON,
+                        help="python of the transformers 4.4x environment "
+                             "(scripts/peer-env.sh transformers4)")
     parser.add_argument("--check", action="store_true", help="only verify the files against the manifest")
     args = parser.parse_args(argv)
     root: Path = args.out
@@ -139,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = fx.manifest_problems(root)
         print("\n".join(problems) or f"{root}: all fixtures match {fx.MANIFEST}")
         return 1 if problems else 0
-    matrix = {fx.fixture_name(a, m, EXPORTER): (a, m) for a, m in fx.DYNAMO_FIXTURES}
+    matrix = {fx.fixture_name(*v): v for v in fx.FIXTURE_VARIANTS}
     unknown = [v for v in args.variants if v not in matrix]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(matrix)}")
@@ -149,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     existing = fx.read_manifest(root)["variants"] if (root / fx.MANIFEST).is_file() else {}
     # keep only entries still in the matrix; variants dropped from the matrix are deleted below
     variants = {k: v for k, v in existing.items() if k in matrix}
-    for name in args.variants or sorted(matrix):
+    todo = args.variants or sorted(matrix)
+    if args.missing:
+        todo = [v for v in todo if v not in variants]
+    for name in todo:
         start = time.perf_counter()
-        variants[name] = export_variant(root, *matrix[name])
+        variants[name] = export_variant(root, matrix[name], args.old_python)
         write_manifest(root, variants)  # after each variant: an interrupted run keeps what it finished
         size = sum((root / name / f).stat().st_size for f in fx.FIXTURE_FILES)
         print(f"{name}: {size / 1024:.0f} KiB, {time.perf_counter() - start:.1f} s", flush=True)

@@ -15,6 +15,11 @@ Reuse from any test module (``tests/`` is on ``sys.path`` under pytest's default
   :data:`DYNAMO_FIXTURES` variants come from ``tests/fixtures/onnx/<variant>/`` (``model.onnx`` +
   ``config.json``), written by ``python scripts/make_onnx_fixtures.py`` and listed with their sha256 in
   ``tests/fixtures/onnx/MANIFEST.json``; :func:`manifest_problems` compares the two.
+* Plain exports (from ``(input_ids, attention_mask)`` only, by ``scripts/export_plain.py``; the graph
+  computes its own positions): the legacy ones of :data:`PLAIN_MATRIX` are exported live
+  (``onnx_exports.get_plain(arch, attn)``); the dynamo ones and the legacy ones made with transformers 4.4x
+  in a side environment are fixtures too (:data:`PLAIN_FIXTURES`). :func:`original_positions` gives the
+  positions such a graph computed, to feed its injected graph.
 * :func:`reference_logits` runs a no-cache graph over whole sequences; :func:`stepwise_logits` runs an
   injected (or natively exported with-past) graph as a prefill chunk then single-token steps, feeding
   ``present.*`` back as ``past_key_values.*``; :func:`make_batch` builds left-padded inputs.
@@ -33,7 +38,7 @@ import onnxruntime as ort
 import pytest
 
 from kvcache.models.random import ARCHITECTURES, random_model
-from kvcache.onnx.export import export_model
+from kvcache.onnx.export import NO_POSITION_IDS, export_model
 from kvcache.onnx.inject import inject_file
 
 #: architectures whose random model supports attn_implementation="sdpa"
@@ -45,6 +50,20 @@ MATRIX = [(a, "eager") for a in ARCHITECTURES] + [(a, "sdpa") for a in SDPA_ARCH
 DYNAMO_LIVE = [("llama", "eager"), ("bloom", "eager")]
 #: the rest of the dynamo matrix: read from ``FIXTURE_ROOT/<fixture_name(arch, attn)>/``
 DYNAMO_FIXTURES = [v for v in MATRIX if v not in DYNAMO_LIVE]
+#: plain exports, from ``(input_ids, attention_mask)`` only (``scripts/export_plain.py``): the graph computes
+#: its own positions. ALiBi models are left out: their regular export already is the plain one
+PLAIN_MATRIX = [(a, m) for a, m in MATRIX if a not in NO_POSITION_IDS]
+#: a fixture variant: ``(arch, attn, exporter, plain, release)``, release "current" or "transformers4"
+Variant = tuple[str, str, str, bool, str]
+#: every variant read from ``FIXTURE_ROOT``: the dynamo matrix with position_ids, the plain dynamo matrix
+#: (this transformers), and plain legacy exports made with transformers 4.4x in a side environment
+FIXTURE_VARIANTS: list[Variant] = (
+    [(a, m, "dynamo", False, "current") for a, m in DYNAMO_FIXTURES]
+    + [(a, m, "dynamo", True, "current") for a, m in PLAIN_MATRIX]
+    + [(a, m, "legacy", True, "transformers4") for a, m in MATRIX]
+)
+#: the plain fixture variants (the last two groups above)
+PLAIN_FIXTURES: list[Variant] = [v for v in FIXTURE_VARIANTS if v[3]]
 FIXTURE_ROOT = Path(__file__).resolve().parent / "fixtures" / "onnx"
 #: model settings of the fixture variants: TINY with a short position table, because exported position
 #: embeddings and causal-mask buffers scale with it (GPT-Neo's 2048x2048 masks alone are 8 MB)
@@ -60,9 +79,22 @@ def fixture_model(arch: str, attn: str) -> Any:
     return random_model(arch, attn_implementation=attn, **FIXTURE_MODEL)
 
 
-def fixture_name(arch: str, attn: str, exporter: str = "dynamo") -> str:
-    """Directory name of a fixture variant, e.g. ``"mistral-sdpa-dynamo"``."""
-    return f"{arch}-{attn}-{exporter}"
+def fixture_name(arch: str, attn: str, exporter: str = "dynamo", plain: bool = False,
+                 release: str = "current") -> str:
+    """Directory name of a fixture variant, e.g. ``"mistral-sdpa-dynamo"``, ``"gpt2-eager-dynamo-plain"``,
+    ``"opt-eager-legacy-plain-transformers4"``."""
+    return f"{arch}-{attn}-{exporter}" + ("-plain" if plain else "") + ("" if release == "current" else
+                                                                          f"-{release}")
+
+
+def original_positions(arch: str, mask: np.ndarray) -> np.ndarray:
+    """The positions ``[batch, seq]`` a plain graph computes itself: ``cumsum(mask) - 1`` for OPT (padding
+    1), ``arange(seq)`` in every row for the others. Fed to its injected graph, they give the same logits."""
+    if arch == "opt":
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+        pos[mask == 0] = 1
+        return pos
+    return np.broadcast_to(np.arange(mask.shape[1]), mask.shape).copy()
 
 
 def sha256(path: Path) -> str:
@@ -76,7 +108,7 @@ def read_manifest(root: Path = FIXTURE_ROOT) -> dict[str, Any]:
 
 
 def manifest_problems(root: Path = FIXTURE_ROOT) -> list[str]:
-    """Differences between ``root``'s manifest, the files on disk and :data:`DYNAMO_FIXTURES`.
+    """Differences between ``root``'s manifest, the files on disk and :data:`FIXTURE_VARIANTS`.
 
     Returns one line per problem (missing, extra or changed file, missing or unexpected variant); empty
     when the fixtures are exactly what the manifest says.
@@ -85,7 +117,7 @@ def manifest_problems(root: Path = FIXTURE_ROOT) -> list[str]:
         return [f"{root / MANIFEST} is missing"]
     variants: dict[str, Any] = read_manifest(root)["variants"]
     problems = []
-    want = {fixture_name(a, m) for a, m in DYNAMO_FIXTURES}
+    want = {fixture_name(*v) for v in FIXTURE_VARIANTS}
     problems += [f"variant {v} is not in the manifest" for v in sorted(want - set(variants))]
     problems += [f"variant {v} is in the manifest, not the matrix" for v in sorted(set(variants) - want)]
     on_disk = {p.name for p in root.iterdir() if p.is_dir()}
@@ -122,6 +154,21 @@ class ExportCache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export_model(model, out, exporter=exporter, opset=opset, with_cache=with_cache)  # type: ignore
+            self._dirs[key] = out
+        return self._dirs[key]
+
+    def get_plain(self, arch: str, attn: str = "eager") -> Path:
+        """Directory of the plain legacy export (``scripts/export_plain.py``) of the fixture-sized model."""
+        key = (arch, attn, "plain", None, False)
+        if key not in self._dirs:
+            from script_modules import import_script
+
+            plain = import_script("export_plain")
+            out = self.root / "_".join(str(k) for k in key)
+            out.mkdir(parents=True)
+            model = fixture_model(arch, attn)
+            plain.export_plain(model, out / "model.onnx", "legacy", 17)
+            model.config.save_pretrained(out)
             self._dirs[key] = out
         return self._dirs[key]
 

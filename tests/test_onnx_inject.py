@@ -6,6 +6,10 @@ variants (llama, bloom, and llama at opset 23) are exported live, so compatibili
 exporter is still exercised, and the other 19 variants are injected from pre-exported graphs in
 ``tests/fixtures/onnx/``, whose sha256 sums are checked against ``MANIFEST.json``.
 
+Plain exports (from ``(input_ids, attention_mask)`` only, so the graph computes its own positions and the
+injector's position rewrite gives it a ``position_ids`` input) run over the same matrix: the legacy ones
+live, the dynamo ones and the legacy ones made with transformers 4.46 from fixtures.
+
 Regenerate the fixtures after changing the tiny model settings, the matrix or the exporter code with::
 
     python scripts/make_onnx_fixtures.py            # ~6-10 min of CPU; then commit tests/fixtures/onnx/
@@ -29,10 +33,14 @@ from onnx_fixtures import (
     DYNAMO_FIXTURES,
     DYNAMO_LIVE,
     FIXTURE_ROOT,
+    FIXTURE_VARIANTS,
     MATRIX,
+    PLAIN_FIXTURES,
+    PLAIN_MATRIX,
     REGENERATE,
     fixture_name,
     make_batch,
+    original_positions,
     reference_logits,
     relative_error,
     session,
@@ -42,21 +50,29 @@ from onnx_fixtures import (
 from kvcache.errors import KVCacheError
 from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES, random_model
 from kvcache.onnx import names
+from kvcache.onnx.check import check_graph
+from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.inject import KVCacheInjector, inject_file
 
 onnx_exports = onnx_fixtures.onnx_exports  # the session fixture, under its name in this module
 ALSO_LIVE = os.environ.get("KVCACHE_ONNX_FULL") == "1"
 
 
-def _check_graphs(original: Path, injected: Path, arch: str, label: str) -> None:
+def _check_graphs(original: Path, injected: Path, arch: str, label: str, plain: bool = False) -> None:
     """Injected graph: passes onnx.checker, step logits equal ``original``'s full-sequence logits for batch
-    1 and 2 (left padding), cache outputs keep the model's KV heads."""
+    1 and 2 (left padding), cache outputs keep the model's KV heads. ``plain``: ``original`` computes its
+    own positions; the injected graph gets those (:func:`original_positions`) as ``position_ids``."""
     onnx.checker.check_model(str(injected))
     ref, inj = session(original), session(injected)
     kv_heads = 2 if arch in GQA_ARCHITECTURES else 4
+    has_positions = names.POSITION_IDS in {i.name for i in inj.get_inputs()}
+    assert has_positions == (arch not in NO_POSITION_IDS), f"{label}: position_ids input {has_positions}"
     for batch in (1, 2):
         ids, mask, pos = make_batch(batch, 9, seed=batch)
         want = reference_logits(ref, ids, mask, pos)
+        if plain:
+            assert names.POSITION_IDS not in {i.name for i in ref.get_inputs()}
+            pos = original_positions(arch, mask)
         got, last = stepwise_logits(inj, ids, mask, pos, prefill=5)
         err = relative_error(got, want, mask)
         assert err < 1e-4, f"{label} batch {batch}: relative error {err:.2e}"
@@ -84,11 +100,19 @@ def test_dynamo_fixtures_match_manifest() -> None:
     problems = onnx_fixtures.manifest_problems()
     assert not problems, f"ONNX fixtures out of date ({'; '.join(problems)}); regenerate: {REGENERATE}"
     manifest = onnx_fixtures.read_manifest()
-    for entry in manifest["variants"].values():
-        assert entry["exporter"] == "dynamo" and entry["model"] == onnx_fixtures.FIXTURE_MODEL, \
+    for arch, attn, exporter, plain, release in FIXTURE_VARIANTS:
+        entry = manifest["variants"][fixture_name(arch, attn, exporter, plain, release)]
+        made = (entry["arch"], entry["attn"], entry["exporter"], entry.get("plain", False),
+                entry.get("release", "current"), entry["model"])
+        assert made == (arch, attn, exporter, plain, release, onnx_fixtures.FIXTURE_MODEL), \
             f"fixture made with other settings than the tests use; regenerate: {REGENERATE}"
+        if release == "transformers4":
+            assert entry["transformers"].startswith("4.4") and entry["relative_error_vs_torch"] < 1e-4
     total = sum(p.stat().st_size for p in FIXTURE_ROOT.rglob("*") if p.is_file())
-    assert total < 8e6, f"tests/fixtures/onnx/ holds {total / 1e6:.1f} MB; keep the fixture models tiny"
+    assert total < 9e6, f"tests/fixtures/onnx/ holds {total / 1e6:.1f} MB; keep the fixture models tiny"
+    from script_modules import import_script
+
+    assert import_script("export_plain").MODEL == onnx_fixtures.FIXTURE_MODEL
 
 
 def test_stale_or_corrupted_fixtures_are_reported(tmp_path: Path) -> None:
@@ -142,6 +166,59 @@ def test_dynamo_fixture_injection_matches_full_sequence(onnx_exports, tmp_path: 
     _check_graphs(original, injected, arch, f"{name} (fixture)")
     if ALSO_LIVE:
         _check_equivalence(onnx_exports, arch, attn, "dynamo")
+
+
+@pytest.mark.parametrize(("arch", "attn"), PLAIN_MATRIX, ids=[f"{a}-{m}" for a, m in PLAIN_MATRIX])
+def test_plain_legacy_injection_matches_full_sequence(onnx_exports, arch: str, attn: str) -> None:
+    """Graphs exported from (input_ids, attention_mask) only compute their own positions: the position
+    rewrite turns them into a position_ids input."""
+    d = onnx_exports.get_plain(arch, attn)
+    _check_graphs(d / "model.onnx", inject_file(d, d / "model_kvcache.onnx"), arch, f"{arch}/{attn}/plain",
+                  plain=True)
+
+
+@pytest.mark.parametrize("variant", PLAIN_FIXTURES, ids=[fixture_name(*v) for v in PLAIN_FIXTURES])
+def test_plain_fixture_injection_matches_full_sequence(tmp_path: Path,
+                                                      variant: onnx_fixtures.Variant) -> None:
+    """Plain exports by the dynamo exporter, and by the legacy exporter under transformers 4.4x."""
+    arch, attn, _, _, release = variant
+    name = fixture_name(*variant)
+    original = FIXTURE_ROOT / name / "model.onnx"
+    assert original.is_file(), f"missing fixture {original}; regenerate: {REGENERATE}"
+    if release == "current":  # still the model the tests describe (the old release's is checked when made)
+        ids, mask, pos = make_batch(2, 7)
+        with torch.no_grad():
+            want = onnx_fixtures.fixture_model(arch, attn)(input_ids=torch.from_numpy(ids),
+                                                           attention_mask=torch.from_numpy(mask)).logits
+        err = relative_error(reference_logits(session(original), ids, mask, pos), want.numpy(), mask)
+        assert err < 1e-4, f"{name} no longer matches fixture_model({arch!r}); regenerate: {REGENERATE}"
+    injected = inject_file(original, tmp_path / "model_kvcache.onnx")
+    _check_graphs(original, injected, arch, f"{name} (fixture)", plain=True)
+
+
+def test_plain_graph_takes_logical_positions(onnx_exports) -> None:
+    """The injected plain graph uses the positions it is given, per row: with left padding and Hugging
+    Face's positions (cumsum of the mask) it equals the PyTorch model given those positions (GPT-2's
+    learned absolute positions, where the plain graph's own arange would differ)."""
+    d = onnx_exports.get_plain("gpt2", "eager")
+    inj = session(inject_file(d, d / "model_kvcache.onnx"))
+    shape = [(dim.dim_param or dim.dim_value) for dim in
+             next(i for i in onnx.load(str(d / "model_kvcache.onnx")).graph.input
+                  if i.name == names.POSITION_IDS).type.tensor_type.shape.dim]
+    assert shape == [names.BATCH_DIM, names.SEQUENCE_DIM]
+    ids, mask, pos = make_batch(2, 9, seed=5)
+    got, _ = stepwise_logits(inj, ids, mask, pos, prefill=4)
+    model = onnx_fixtures.fixture_model("gpt2", "eager")
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                     position_ids=torch.from_numpy(pos)).logits.numpy()
+        plain = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    assert relative_error(got, want, mask) < 1e-4
+    assert relative_error(plain, want, mask) > 1e-3  # the arange positions would not do in the padded row
+    # what the graph computed is recorded, so `kvcache onnx check` can feed the same (slot) positions
+    meta = {p.key: p.value for p in onnx.load(str(d / "model_kvcache.onnx")).metadata_props}
+    assert meta[names.META_POSITIONS] == "arange"
+    assert check_graph(d / "model.onnx", d / "model_kvcache.onnx", batch=3).ok
 
 
 def test_opset23_fused_attention_op(onnx_exports) -> None:
@@ -297,12 +374,37 @@ def test_directory_without_config(onnx_exports, tmp_path: Path) -> None:
     _no_new_files(tmp_path, before)
 
 
-def test_graph_without_positions_is_rejected_for_rope_models(onnx_exports) -> None:
-    d = onnx_exports.get("llama")
+def test_graph_without_position_pattern_is_rejected(onnx_exports) -> None:
+    """A plain graph whose positions come from somewhere the rewrite does not recognise is refused with the
+    architecture, the layer and what was missing, never injected with positions restarting at 0."""
+    d = onnx_exports.get_plain("llama", "eager")
     model = onnx.load(str(d / "model.onnx"))
-    model.graph.input.remove(next(i for i in model.graph.input if i.name == names.POSITION_IDS))
-    with pytest.raises(KVCacheError, match="no position_ids input"):
+    # the RoPE frequencies get float positions counted from the token values instead: a computation the
+    # rewrite does not recognise (the graph's own integer positions are left unused)
+    rope = next(n for n in model.graph.node if n.op_type == "Cast"
+                and n.input[0].endswith("Unsqueeze_output_0")
+                and any(c.op_type in ("Mul", "MatMul") for c in model.graph.node if n.output[0] in c.input))
+    make = onnx.helper.make_node
+    axis1, axis2, one = (onnx.numpy_helper.from_array(np.array(v, np.int64 if k < 2 else np.float32), n)
+                         for k, (v, n) in enumerate([(1, "t_axis1"), ([2], "t_axis2"), (1.0, "t_one")]))
+    model.graph.initializer.extend([axis1, axis2, one])
+    nodes = [make("Cast", [names.INPUT_IDS], ["t_ids"], to=onnx.TensorProto.FLOAT),
+             make("Div", ["t_ids", "t_ids"], ["t_ones"]),
+             make("CumSum", ["t_ones", "t_axis1"], ["t_count"]),
+             make("Sub", ["t_count", "t_one"], ["t_pos"]),
+             make("Unsqueeze", ["t_pos", "t_axis2"], ["t_pos3"])]
+    for node in model.graph.node:
+        node.input[:] = ["t_pos3" if i == rope.output[0] else i for i in node.input]
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rest)
+    onnx.checker.check_model(model)
+    with pytest.raises(KVCacheError, match=r"llama: layer 0: .*no sub-graph computing token positions"):
         KVCacheInjector(d).apply(model)
+    # a graph that still has a position_ids input is left as it is: no rewrite
+    with_pos = onnx.load(str(onnx_exports.get("llama") / "model.onnx"))
+    injected = KVCacheInjector(onnx_exports.get("llama")).apply(with_pos)
+    assert sum(i.name == names.POSITION_IDS for i in injected.graph.input) == 1
 
 
 def test_missing_pattern_names_architecture_and_layer(onnx_exports) -> None:

@@ -161,6 +161,10 @@ def check_graph(
         mask[row, : min(row, prefill - 1)] = 0
     reference = _run_reference(ref_sess, ref_inputs, ids, mask)
 
+    # an original that computed arange(seq) positions itself (a plain export, see META_POSITIONS) gave
+    # padding slots positions too: the tested graph gets the same slot indices to be comparable
+    meta = sess.get_modelmeta().custom_metadata_map
+    slot_positions = names.POSITION_IDS not in ref_inputs and meta.get(names.META_POSITIONS) == "arange"
     report = CheckReport(original=str(orig_path), tested=str(tested_path), batch=batch, tol=tol)
     cache_dtype = np.float16 if sig.dtype.itemsize == 2 else np.float32
     heads, dim = _expected_geometry(tested_dir, sig)
@@ -173,7 +177,9 @@ def check_graph(
             names.INPUT_IDS: ids[:, start:end],
             names.ATTENTION_MASK: mask[:, :end],
         }
-        if sig.has_position_ids:
+        if sig.has_position_ids and slot_positions:
+            feeds[names.POSITION_IDS] = np.broadcast_to(np.arange(start, end), cur_mask.shape).copy()
+        elif sig.has_position_ids:
             feeds[names.POSITION_IDS] = _positions(cur_mask, seen)
         seen = seen + cur_mask.sum(axis=1)
         for i in range(sig.num_layers):

@@ -23,6 +23,7 @@ import onnx
 from transformers import AutoConfig, PretrainedConfig
 
 from kvcache import validate
+from kvcache.cache import model_cache_shape
 from kvcache.errors import KVCacheError
 from kvcache.models.random import ARCHITECTURES
 from kvcache.onnx import names, provenance
@@ -39,6 +40,7 @@ from kvcache.onnx.patterns import (
 )
 from kvcache.onnx.rewrite_cache import inject_cache
 from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits
+from kvcache.onnx.rewrite_positions import rewrite_positions
 from kvcache.onnx.rewrite_sizes import split_mask_sizes
 from kvcache.onnx.rewrite_stats import add_attention_stats
 
@@ -47,15 +49,15 @@ _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "MODEL_CARD.md")
 
 
-def _geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
-    """``(num_layers, num_heads, num_kv_heads, head_dim)`` of a decoder config."""
-    text = config.get_text_config(decoder=True)
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    if getattr(text, "multi_query", False):  # falcon-style multi-query attention
-        kv = 1
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return text.num_hidden_layers, heads, kv, head_dim
+def _geometry(config: PretrainedConfig) -> tuple[int, int, list[int], list[int]]:
+    """``(num_layers, num_heads, kv heads per layer, head dim per layer)`` of a decoder config.
+
+    The cache shape is :func:`kvcache.cache.model_cache_shape`'s, as export, check and the runtime read it
+    (per-layer configs included); the query head count is the text config's own.
+    """
+    num_layers, kv_heads, head_dims = model_cache_shape(config)
+    heads = int(config.get_text_config(decoder=True).num_attention_heads)
+    return num_layers, heads, kv_heads, head_dims
 
 
 def _sliding_windows(config: PretrainedConfig, num_layers: int) -> list[int | None]:
@@ -101,7 +103,7 @@ class KVCacheInjector:
                 raise KVCacheError(f"cannot read {path / 'config.json'}: {str(exc)[:300]}") from exc
         validate.check_config(self.config, "the config.json of the graph")
         self.arch = getattr(self.config, "model_type", "unknown")
-        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = _geometry(self.config)
+        self.num_layers, self.num_heads, self.kv_heads, self.head_dims = _geometry(self.config)
         self.attention_stats = attention_stats
 
     # ----- validation ---------------------------------------------------------------------------------
@@ -113,12 +115,6 @@ class KVCacheInjector:
                 or names.META_INJECTED in meta:
             raise KVCacheError("this graph already has a KV cache (past_key_values.* inputs / present.* "
                                "outputs); inject into the graph exported without cache")
-        if self.arch not in NO_POSITION_IDS and names.INPUT_IDS in inputs \
-                and names.POSITION_IDS not in inputs:
-            # the graph would derive positions from its own arange(seq): every step would restart at 0
-            raise KVCacheError(f"{self.arch} uses positions but the graph has no position_ids input; export "
-                               "with position_ids (`kvcache onnx export` does) so steps after the first get "
-                               "their true positions")
         missing = [n for n in (names.INPUT_IDS, names.ATTENTION_MASK) if n not in inputs]
         if missing or names.LOGITS not in outputs:
             raise KVCacheError(
@@ -127,8 +123,9 @@ class KVCacheInjector:
 
     def _sentinels(self) -> tuple[int, int, int]:
         """Batch and two sequence sizes that no static dimension of the model equals."""
-        taken = {self.num_heads, self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads,
-                 self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, 1}
+        taken = {self.num_heads, 1}
+        for kv, dim in zip(self.kv_heads, self.head_dims, strict=True):
+            taken |= {kv, dim, self.num_heads // kv, self.num_heads * dim, kv * dim}
         primes = [p for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47) if p not in taken]
         return primes[0], primes[1], primes[2]
 
@@ -139,10 +136,14 @@ class KVCacheInjector:
         sites: list[AttentionSite] = []
         softmaxes = [n for n in g.topo_order() if n.op_type == "Softmax"]
         fused = [n for n in g.topo_order() if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
-        want = (batch, self.num_kv_heads, seq, self.head_dim)
         reasons: list[str] = []
+
+        def want(layer: int) -> tuple[int, int, int, int]:
+            layer = min(layer, self.num_layers - 1)  # a surplus layer fails the count check below
+            return batch, self.kv_heads[layer], seq, self.head_dims[layer]
+
         for node in fused:
-            site = fused_site(g, node, len(sites), want, probe, probe2, seq2)
+            site = fused_site(g, node, len(sites), want(len(sites)), probe, probe2, seq2)
             if isinstance(site, str):
                 raise KVCacheError(f"{self.arch}: layer {len(sites)}: {site}")
             sites.append(site)
@@ -157,10 +158,10 @@ class KVCacheInjector:
             if av is None:
                 raise KVCacheError(f"{self.arch}: layer {layer}: the attention probabilities of Softmax "
                                    f"{softmax.name!r} reach no MatMul with V")
-            k = kv_source(g, qk.input[1], want, probe, probe2, seq2)
+            k = kv_source(g, qk.input[1], want(layer), probe, probe2, seq2)
             if isinstance(k, str):
                 raise KVCacheError(f"{self.arch}: layer {layer}: key of MatMul {qk.name!r}: {k}")
-            v = kv_source(g, av.input[1], want, probe, probe2, seq2)
+            v = kv_source(g, av.input[1], want(layer), probe, probe2, seq2)
             if isinstance(v, str):
                 raise KVCacheError(f"{self.arch}: layer {layer}: value of MatMul {av.name!r}: {v}")
             edits = find_mask_edits(g, path)
@@ -195,12 +196,17 @@ class KVCacheInjector:
         probe = probe_shapes(model, batch, seq)
         probe2 = probe_shapes(model, batch, seq2)
         sites = self.find_sites(g, probe, probe2, batch, seq, seq2)
+        self.positions = "input" if names.POSITION_IDS in g.inputs else "none"
+        if self.arch not in NO_POSITION_IDS and names.POSITION_IDS not in g.inputs:
+            # the graph computes arange(seq) itself: every step would restart at 0 unless replaced
+            self.positions = rewrite_positions(g, sites, probe, batch, seq, self.arch)
         # before any edit: sizes the exporter read from the mask are split into current/total lengths
         split_mask_sizes(g, sites, probe)
         builder = MaskBuilder(g)
         windows = _sliding_windows(self.config, self.num_layers)
         for site in sites:
-            inject_cache(g, site, (self.num_kv_heads, self.head_dim), probe, probe2, seq, seq2, self.arch)
+            inject_cache(g, site, (self.kv_heads[site.layer], self.head_dims[site.layer]), probe, probe2, seq,
+                         seq2, self.arch)
             window = windows[site.layer]
             if site.mask_edits:
                 apply_mask_edits(g, builder, site.mask_edits, site.score_dtype, window)
@@ -235,15 +241,21 @@ class KVCacheInjector:
             names.META_ARCHITECTURE: self.arch,
             names.META_NUM_LAYERS: str(self.num_layers),
             names.META_NUM_HEADS: str(self.num_heads),
-            names.META_NUM_KV_HEADS: str(self.num_kv_heads),
-            names.META_HEAD_DIM: str(self.head_dim),
+            names.META_NUM_KV_HEADS: _per_layer(self.kv_heads),
+            names.META_HEAD_DIM: _per_layer(self.head_dims),
             names.META_ATTENTION_STATS: "1" if self.attention_stats else "0",
+            names.META_POSITIONS: self.positions,
         }
         kept = [p for p in model.metadata_props if p.key not in meta]
         del model.metadata_props[:]
         model.metadata_props.extend(kept)
         for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)
+
+
+def _per_layer(values: list[int]) -> str:
+    """Metadata value of a per-layer count: ``"8"`` when every layer has it, else ``"8,8,4,..."``."""
+    return str(values[0]) if len(set(values)) == 1 else ",".join(str(v) for v in values)
 
 
 def _resolve(path: Path) -> tuple[Path, Path]:

@@ -56,7 +56,8 @@ TOTAL_DIM = "total_sequence_length"
 
 #: prefix of the metadata keys the injector writes (values are strings)
 META_PREFIX = "kvcache."
-#: metadata keys: "1" once injected; architecture (``config.model_type``); layer/head counts; head size;
+#: metadata keys: "1" once injected; architecture (``config.model_type``); layer/head counts; head size
+#: (KV heads and head size: one number, or one per layer, comma-separated, when layers differ);
 #: "1" when ``attn_scores.{i}`` outputs exist
 META_INJECTED = META_PREFIX + "injected"
 META_ARCHITECTURE = META_PREFIX + "architecture"
@@ -68,6 +69,10 @@ META_ATTENTION_STATS = META_PREFIX + "attention_stats"
 #: file name and sha256 of the no-cache graph an injected graph was made from (checked before it runs)
 META_SOURCE_FILE = META_PREFIX + "source_file"
 META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
+#: where the original graph's positions came from: "input" (a position_ids input), "none" (ALiBi),
+#: "arange" (computed: slot indices, padding included) or "cumsum" (computed: real tokens seen, OPT); the
+#: last two were replaced by the ``position_ids`` input (``kvcache.onnx.rewrite_positions``)
+META_POSITIONS = META_PREFIX + "positions"
 
 _CACHE_RE = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 

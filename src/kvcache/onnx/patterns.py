@@ -160,9 +160,10 @@ def kv_source(g: Graph, tensor: str, want: tuple[int, int, int, int], probe: dic
         node = g.producer.get(t)
         if node is None or node.op_type not in LAYOUT_OPS:
             break
+        # a scale may be computed (SDPA's decomposition scales K by sqrt(1/sqrt(head_dim)) from shapes)
         data = [i for i in node.input[:1]] if node.op_type not in ("Mul", "Div") else \
-            [i for i in node.input if not g.is_constant(i)]
-        if len(data) != 1:
+            [i for i in node.input if not g.is_constant(i) and not _is_scalar(g, i, probe)]
+        if len(data) != 1 or (node.op_type == "Div" and data[0] != node.input[0]):
             break
         if node.op_type in ("Mul", "Div"):
             other = [i for i in node.input if i != data[0]]

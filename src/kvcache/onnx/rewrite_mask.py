@@ -116,6 +116,16 @@ def apply_mask_edits(g: Graph, builder: MaskBuilder, edits: list[MaskEdit], dtyp
 
 def add_mask_before_softmax(g: Graph, builder: MaskBuilder, softmax: onnx.NodeProto, dtype: int,
                             window: int | None = None) -> None:
-    """For layers whose graph applied no mask (causal-only SDPA): add the injected mask to the logits."""
+    """For layers where no mask entry was recognised: add the injected mask to the logits.
+
+    Causal-only SDPA applies no mask at all; older exports (transformers 4.x GPT-2) apply masks the matcher
+    does not recognise (a slice of a constant causal buffer, ``(1 - attention_mask) * min``), which still
+    hold after injection: the injected mask then goes on top, and the sum is clamped back to the most
+    negative finite value, so that a key masked twice does not reach ``-inf`` (a padding query row whose
+    keys are all masked would softmax to NaN, and NaN values of padding reach real rows through 0 * NaN).
+    """
     masked = g.add("Add", [softmax.input[0], builder.get("additive", dtype, window)], hint="masked_scores")
+    np_dtype = _NP_FLOAT.get(dtype, np.float32)
+    masked = g.add("Max", [masked, g.const(np.array(np.finfo(np_dtype).min, dtype=np_dtype))],
+                   hint="masked_scores_finite")
     g.replace_input(softmax, 0, masked)
