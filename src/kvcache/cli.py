@@ -90,8 +90,10 @@ def bench_command(
                               help="'default' (bundled) or a local model directory."),
     specs: str = typer.Option("full,static,dynamic", "--specs",
                               help="Comma-separated cache specs; 'full' (the baseline) is always run."),
-    tasks: str = typer.Option("passkey,needles,ppl,consistency,speed", "--tasks",
-                              help="Of: passkey, needles, kv, ppl, consistency, speed."),
+    tasks: str = typer.Option("passkey,needles,ppl,consistency", "--tasks",
+                              help="Of: passkey, needles, kv, ppl, consistency (+ speed: see --speed)."),
+    speed: bool = typer.Option(True, "--speed/--no-speed",
+                               help="Decode time and cache bytes against context (the speed plots)."),
     peers: str = typer.Option("hf,kvpress", "--peers",
                               help="Of: hf (transformers' caches), kvpress (side environment); '': none."),
     budgets: str = typer.Option("0.5,0.25,0.1", "--budgets", help="Kept fractions for the kvpress presses."),
@@ -113,7 +115,10 @@ def bench_command(
     budget_list = [float(b) for b in parse_list(budgets)]
     if quick and budgets == "0.5,0.25,0.1":
         budget_list = [0.5]
-    cfg = BenchConfig(out=Path(out), model=model, specs=parse_list(specs), tasks=parse_list(tasks),
+    task_list = parse_list(tasks)
+    if speed and "speed" not in task_list:
+        task_list.append("speed")
+    cfg = BenchConfig(out=Path(out), model=model, specs=parse_list(specs), tasks=task_list,
                       peers=parse_list(peers), budgets=budget_list, quick=quick, threads=threads,
                       speed_repeats=1 if quick and repeats == 3 else repeats,
                       kvpress_python=Path(kvpress_python) if kvpress_python else None,

@@ -75,8 +75,6 @@ def score_vs_budget(rows: Sequence[dict[str, Any]]) -> bytes | None:
         ax.grid(alpha=0.3)
         if task != "ppl":
             ax.set_ylim(-0.03, 1.03)
-        else:
-            ax.set_yscale("log")
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:
         for h, lbl in zip(*ax.get_legend_handles_labels(), strict=True):

@@ -7,6 +7,7 @@ the parameters from there, so adding a policy touches its own file and this list
 from __future__ import annotations
 
 from kvcache.policies.base import Policy
+from kvcache.policies.diffsnap import DiffSnap
 from kvcache.policies.h2o import H2O
 from kvcache.policies.keydiff import KeyDiff
 from kvcache.policies.keyformer import Keyformer
@@ -19,5 +20,5 @@ __all__ = ["POLICIES", "Policy"]
 
 #: spec name -> policy class, in the order ``kvcache info`` lists them
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Keyformer, H2O, Streaming, SnapKV, TOVA, KNorm, KeyDiff)
+    cls.name: cls for cls in (Keyformer, H2O, Streaming, SnapKV, TOVA, KNorm, KeyDiff, DiffSnap)
 }

@@ -18,7 +18,17 @@ if TYPE_CHECKING:
     from kvcache.policies.layer import PolicyLayer
     from kvcache.policies.runner import PolicyRunner
 
-__all__ = ["KeyDiff"]
+__all__ = ["KeyDiff", "dissimilarity"]
+
+
+def dissimilarity(layer: PolicyLayer) -> torch.Tensor:
+    """``(B, H_kv, T_held)`` negative cosine similarity of each held key to its (row, head)'s mean normalised
+    real key: higher is more distinctive."""
+    keys = torch.nn.functional.normalize(layer.held_keys().to(torch.float32), dim=-1)
+    valid = (layer.held_positions() >= 0)[..., None]
+    anchor = (keys * valid).sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp_min(1)
+    anchor = torch.nn.functional.normalize(anchor, dim=-1)
+    return -(keys * anchor).sum(dim=-1)
 
 
 @dataclass
@@ -30,8 +40,4 @@ class KeyDiff(Policy):
     params: ClassVar[tuple[ParamInfo, ...]] = POLICY_BASE_PARAMS
 
     def score(self, runner: PolicyRunner, layer: PolicyLayer) -> torch.Tensor:
-        keys = torch.nn.functional.normalize(layer.held_keys().to(torch.float32), dim=-1)
-        valid = (layer.held_positions() >= 0)[..., None]
-        anchor = (keys * valid).sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp_min(1)
-        anchor = torch.nn.functional.normalize(anchor, dim=-1)
-        return -(keys * anchor).sum(dim=-1)
+        return dissimilarity(layer)
