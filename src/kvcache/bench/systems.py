@@ -7,6 +7,7 @@ reason (``reason``), and the bench reports it as an unavailable row instead of h
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
@@ -88,12 +89,15 @@ class KVCacheSystem:
                 "cache_bytes": s.cache_bytes, "peak_cache_bytes": s.peak_cache_bytes}
 
     def stream(self, window: list[int], prefix: int) -> dict[str, Any]:
+        import kvcache
         from kvcache.cache import KVCache
 
         param = next(self.model.parameters())
         cache = KVCache.from_spec(self.spec, self.model.config, batch_size=1, max_cache_len=len(window),
                                   device=param.device, dtype=param.dtype)
-        out = stream_nll(self.model, window, prefix, cache)
+        # A retention policy evicts between the streamed forwards and needs kvcache's attention function.
+        scope = (lambda: kvcache.enable(self.model)) if cache.policy is not None else contextlib.nullcontext
+        out = stream_nll(self.model, window, prefix, cache, scope=scope)
         out["cache_bytes"] = cache.nbytes()
         return out
 
