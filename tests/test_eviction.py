@@ -75,21 +75,21 @@ class Timeline:
             new = torch.arange(start, start + count).expand(b, h, -1)
             self.columns[i] = torch.cat([cols, new], dim=-1)
 
-    def keep(self, layer: int, indices: torch.Tensor, invalid: torch.Tensor, after: int) -> None:
-        """Slots ``indices`` stay (``invalid`` ones masked from now on); queries after column ``after`` no
-        longer see what was dropped."""
+    def keep(self, layer: int, indices: torch.Tensor, invalid: torch.Tensor, after: int,
+             order: torch.Tensor) -> None:
+        """Slots ``indices`` stay (``invalid`` ones masked from now on) and are laid out as the store says
+        (``order``: new slot j holds old slot order[j]); queries after column ``after`` no longer see what was
+        dropped or declared invalid."""
         cols = self.columns[layer]
-        order = indices.sort(-1).values
-        kept = cols.gather(2, order)
-        invalid_sorted = invalid.gather(2, indices.sort(-1).indices)
-        dropped = torch.ones_like(cols, dtype=torch.bool).scatter(2, order, False)
+        dropped = torch.ones_like(cols, dtype=torch.bool).scatter(2, indices, False)
         b, h, _ = cols.shape
         for row in range(b):
             for head in range(h):
                 gone = torch.cat([cols[row, head][dropped[row, head]],
-                                  kept[row, head][invalid_sorted[row, head]]])
+                                  cols[row, head][indices[row, head][invalid[row, head]]]])
                 self.visible[layer][row, head, after + 1 :, gone] = False
-        self.columns[layer] = kept
+        assert torch.equal(order.sort(-1).values, indices.sort(-1).values)  # the same slots, laid out anew
+        self.columns[layer] = cols.gather(2, order)
 
 
 def reference_attention(visible: list[torch.Tensor]):  # type: ignore[no-untyped-def]
@@ -145,11 +145,14 @@ def run_with_evictions(model: torch.nn.Module, spec: str, ids: torch.Tensor, mas
     def evict(n_keep: int, after: int) -> None:
         for layer, store in enumerate(cache.stores):
             held = store.physical_length
-            idx = torch.stack([torch.stack([torch.randperm(held, generator=g)[:n_keep]
-                                            for _ in range(store.positions.shape[1])]) for _ in range(batch)])
+            heads = store.positions.shape[1]
+            picks = torch.stack([torch.stack([torch.randperm(held, generator=g)[:n_keep] for _ in range(heads)])
+                                 for _ in range(batch)])
+            # Random tokens, named by their column's rank (not by slot: layouts may differ between stores)
+            idx = timeline.columns[layer].argsort(-1).gather(2, picks)
             invalid = torch.rand(idx.shape, generator=g) < 0.15
-            store.keep(idx, invalid)
-            timeline.keep(layer, idx, invalid, after)
+            order = store.keep(idx, invalid)
+            timeline.keep(layer, idx, invalid, after, order)
 
     with torch.no_grad(), kvcache.enable(model):
         logits.append(feed(0, prompt))

@@ -165,18 +165,24 @@ class CacheLayer(ABC):
         """Where attention reads this store's tensors."""
 
     @abstractmethod
-    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
         """Keep only the given slots, per sequence and per KV head.
 
         Parameters
         ----------
         indices:
-            ``(B, H_kv, n_keep)`` int64 slot indices into the current physical store, in any order; the
-            layer keeps them in ascending order. ``seen`` is unchanged.
+            ``(B, H_kv, n_keep)`` int64 slot indices into the current physical store, in any order.
+            ``seen`` is unchanged.
         invalid:
             ``(B, H_kv, n_keep)`` bool aligned with ``indices``: slots to keep but never attend to again
             (their position becomes ``-1``). Rows of a batch that keep fewer real tokens than others fill the
             rectangle with such slots.
+
+        Returns
+        -------
+        ``(B, H_kv, n_keep)`` int64: new slot ``j`` holds what old slot ``order[..., j]`` held. The kept slots
+        need not stay in position order (a store may fill holes in place); per-slot state kept beside the
+        store (a policy's scores) follows by gathering with it.
         """
 
     @abstractmethod
@@ -294,8 +300,8 @@ class LayerWrapper(CacheLayer):
     def device(self) -> torch.device:
         return self.inner.device
 
-    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
-        self.inner.keep(indices, invalid)
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.keep(indices, invalid)
 
     def index_batch(self, index: torch.Tensor) -> None:
         self.inner.index_batch(index)

@@ -136,13 +136,25 @@ class DynamicLayer(CacheLayer):
     def device(self) -> torch.device:
         return torch.device("cpu") if self._keys is None else self._keys.device
 
-    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
         kv, pos = self.keys_values(), self.positions
-        if kv is None or pos is None:
+        if kv is None or pos is None or self._keys is None or self._values is None or self._pos is None:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
         keys, values = kv
         idx, pos = _gather_positions(indices, invalid, pos)
-        n = idx.shape[-1]
+        n, held = idx.shape[-1], self._length
+        if 0 < held - n <= n // 8 + 1:
+            # A few slots go (decode-time eviction): fill each hole below n with a kept slot from above it,
+            # in place, instead of copying the whole cache. Slots are no longer in position order, which
+            # nothing relies on: masks and policies read the positions.
+            order = _fill_holes(idx, held)
+            src = order[..., None]
+            self._keys[:, :, :n] = keys.gather(2, src.expand(-1, -1, -1, keys.shape[-1]))
+            self._values[:, :, :n] = values.gather(2, src.expand(-1, -1, -1, values.shape[-1]))
+            self._pos[:, :, :n] = _marked(indices, invalid, self._pos[:, :, :held]).gather(2, order)
+            self._length = n
+            self.slots_remapped = True
+            return order
         # New buffers sized to what is kept (evicting is for saving memory), plus a little headroom so a
         # policy that evicts at every step or every few steps does not re-allocate in between.
         headroom = max(1, min(self.min_growth, n // 8 + 1))
@@ -155,6 +167,7 @@ class DynamicLayer(CacheLayer):
         new_p[:, :, :n] = pos
         self._keys, self._values, self._pos, self._length = new_k, new_v, new_p, n
         self.slots_remapped = True
+        return idx
 
     def index_batch(self, index: torch.Tensor) -> None:
         if self._keys is None or self._values is None:
@@ -344,7 +357,7 @@ class StaticLayer(CacheLayer):
     def device(self) -> torch.device:
         return self._keys.device
 
-    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
         held = self._held()
         if held == 0:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
@@ -363,6 +376,7 @@ class StaticLayer(CacheLayer):
         self._length = n
         self._write_pos.fill_(n)
         self.slots_remapped = True
+        return idx
 
     def index_batch(self, index: torch.Tensor) -> None:
         index = index.to(self._keys.device)
@@ -426,6 +440,31 @@ def _gather_positions(indices: torch.Tensor, invalid: torch.Tensor | None,
         return idx, pos
     idx = indices.sort(dim=-1).values
     return idx, positions.gather(2, idx)
+
+
+def _marked(indices: torch.Tensor, invalid: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """``positions`` with the slots ``invalid`` flags (aligned with ``indices``) set to -1."""
+    if invalid is None:
+        return positions
+    indices = indices.to(device=positions.device, dtype=torch.long)
+    kept = positions.gather(2, indices).masked_fill(invalid.to(positions.device), -1)
+    return positions.clone().scatter_(2, indices, kept)
+
+
+def _fill_holes(idx: torch.Tensor, held: int) -> torch.Tensor:
+    """Where each of the first ``n`` slots takes its content from, when the kept slots ``idx`` stay put if
+    below ``n`` and the kept slots at or above ``n`` move into the holes below ``n``.
+
+    Every (row, head) has as many holes below ``n`` as kept slots above it, and ``nonzero`` lists both in
+    (row, head, slot) order, so the i-th hole of a (row, head) pairs with its i-th mover.
+    """
+    b, h, n = idx.shape
+    kept = torch.zeros(b, h, held, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+    holes = (~kept[..., :n]).nonzero()
+    movers = kept[..., n:].nonzero()
+    order = torch.arange(n, device=idx.device).expand(b, h, n).clone()
+    order[holes[:, 0], holes[:, 1], holes[:, 2]] = movers[:, 2] + n
+    return order
 
 
 def _memory(*tensors: torch.Tensor | None) -> MemoryUse:

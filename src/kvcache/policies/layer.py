@@ -54,11 +54,11 @@ class PolicyLayer(LayerWrapper):
         self.scores = zeros if self.scores is None or not held else torch.cat([self.scores, zeros], dim=-1)
         return out
 
-    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
-        self.inner.keep(indices, invalid)
+    def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
+        order = self.inner.keep(indices, invalid)
         if self.scores is not None:
-            order = indices.to(device=self.scores.device, dtype=torch.long).sort(dim=-1).values
-            self.scores = self.scores.gather(-1, order)
+            self.scores = self.scores.gather(-1, order.to(self.scores.device))
+        return order
 
     def index_batch(self, index: torch.Tensor) -> None:
         self.inner.index_batch(index)
