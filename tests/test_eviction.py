@@ -146,8 +146,8 @@ def run_with_evictions(model: torch.nn.Module, spec: str, ids: torch.Tensor, mas
         for layer, store in enumerate(cache.stores):
             held = store.physical_length
             heads = store.positions.shape[1]
-            picks = torch.stack([torch.stack([torch.randperm(held, generator=g)[:n_keep] for _ in range(heads)])
-                                 for _ in range(batch)])
+            picks = torch.stack([torch.stack([torch.randperm(held, generator=g)[:n_keep]
+                                              for _ in range(heads)]) for _ in range(batch)])
             # Random tokens, named by their column's rank (not by slot: layouts may differ between stores)
             idx = timeline.columns[layer].argsort(-1).gather(2, picks)
             invalid = torch.rand(idx.shape, generator=g) < 0.15

@@ -147,11 +147,11 @@ class DynamicLayer(CacheLayer):
             # A few slots go (decode-time eviction): fill each hole below n with a kept slot from above it,
             # in place, instead of copying the whole cache. Slots are no longer in position order, which
             # nothing relies on: masks and policies read the positions.
-            order = _fill_holes(idx, held)
-            src = order[..., None]
-            self._keys[:, :, :n] = keys.gather(2, src.expand(-1, -1, -1, keys.shape[-1]))
-            self._values[:, :, :n] = values.gather(2, src.expand(-1, -1, -1, values.shape[-1]))
-            self._pos[:, :, :n] = _marked(indices, invalid, self._pos[:, :, :held]).gather(2, order)
+            if invalid is not None:
+                self._pos[:, :, :held] = _marked(indices, invalid, self._pos[:, :, :held])
+            order, (hb, hh, ht), src = _fill_holes(idx, held)
+            for buf in (self._keys, self._values, self._pos):
+                buf[hb, hh, ht] = buf[hb, hh, src]
             self._length = n
             self.slots_remapped = True
             return order
@@ -451,20 +451,29 @@ def _marked(indices: torch.Tensor, invalid: torch.Tensor | None, positions: torc
     return positions.clone().scatter_(2, indices, kept)
 
 
-def _fill_holes(idx: torch.Tensor, held: int) -> torch.Tensor:
-    """Where each of the first ``n`` slots takes its content from, when the kept slots ``idx`` stay put if
-    below ``n`` and the kept slots at or above ``n`` move into the holes below ``n``.
+def _fill_holes(idx: torch.Tensor, held: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """How to keep the slots ``idx`` (sorted, ``(B, H, n)``) of ``held`` in place: kept slots below ``n``
+    stay, kept slots at or above ``n`` move into the holes below ``n``.
 
     Every (row, head) has as many holes below ``n`` as kept slots above it, and ``nonzero`` lists both in
     (row, head, slot) order, so the i-th hole of a (row, head) pairs with its i-th mover.
+
+    Returns
+    -------
+    order:
+        ``(B, H, n)``: new slot ``j`` holds old slot ``order[..., j]``.
+    holes:
+        ``(rows, heads, slots)`` index tensors of the holes.
+    sources:
+        The slot each hole takes its content from.
     """
     b, h, n = idx.shape
     kept = torch.zeros(b, h, held, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
-    holes = (~kept[..., :n]).nonzero()
-    movers = kept[..., n:].nonzero()
+    hb, hh, ht = (~kept[..., :n]).nonzero().unbind(1)
+    src = kept[..., n:].nonzero()[:, 2] + n
     order = torch.arange(n, device=idx.device).expand(b, h, n).clone()
-    order[holes[:, 0], holes[:, 1], holes[:, 2]] = movers[:, 2] + n
-    return order
+    order[hb, hh, ht] = src
+    return order, (hb, hh, ht), src
 
 
 def _memory(*tensors: torch.Tensor | None) -> MemoryUse:
