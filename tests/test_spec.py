@@ -37,8 +37,10 @@ GRAMMAR: dict[str, tuple[str, dict[str, object]]] = {
     "tova": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
     "knorm": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
     "keydiff": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
+    "diffsnap": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "observe": 16}),
 }
-BUILT = {"dynamic", "static", "full", "keyformer", "h2o", "streaming", "snapkv", "tova", "knorm", "keydiff"}
+BUILT = {"dynamic", "static", "full", "keyformer", "h2o", "streaming", "snapkv", "tova", "knorm", "keydiff",
+         "diffsnap"}
 TESTED_ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox"]
 ALL_WORDS = set(GRAMMAR) | {"int2", "int4", "int8", "offloaded", "offloaded_static"}
 
