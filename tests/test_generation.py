@@ -276,3 +276,10 @@ def test_generate_ids_equals_generate_on_the_same_tokens(model, tokenizer):
         assert got.token_ids == ref.token_ids and got.texts == ref.texts
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         generate_ids(model, tokenizer, ids[0], max_new_tokens=2)
+
+
+def test_a_tiny_top_p_samples_the_most_likely_token():
+    # found by fuzzing: cumsum rounding made the mass before the top token exceed top_p=2.7e-70
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    got = Sampler(temperature=1.0, top_p=2.689275455775686e-70)(logits)
+    assert torch.equal(got, logits.argmax(-1))

@@ -86,6 +86,9 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     # A token is dropped when the mass *before* it already reaches top_p, so the most likely token always
     # stays and the kept set is the smallest one whose mass reaches top_p.
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+    # cumsum's rounding can leave a mass before the first token of ~1e-8, more than a tiny top_p: the most
+    # likely token is kept explicitly, or nothing would be left to sample.
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
 
