@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvcache.bench.accuracy import retrieval_accuracy
-from kvcache.bench.prompts import default_eval_dir, prose_filler, retrieval_examples
 from rich.progress import Progress
 
+from kvcache.bench.accuracy import retrieval_accuracy
+from kvcache.bench.prompts import default_eval_dir, prose_filler, retrieval_examples
 from kvcache.generation import generate
 from kvcache.models import load
 from kvcache.models.corpus import load_eval_split
