@@ -257,3 +257,16 @@ def test_model_generate_without_kvcache_attention_is_a_clear_error(llama, tokeni
     cache = KVCache.from_spec(f"{name}:budget=0.5", llama.config)
     with torch.no_grad(), pytest.raises(KVCacheError, match=r"kvcache\.enable\(model\)"):
         llama.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_the_prompt_is_never_held_whole_in_every_layer(tokenizer, name: str) -> None:
+    """The prompt selection runs layer by layer inside the prefill's last forward: the peak is the compressed
+    layers plus one layer's prompt, not the whole prompt in every layer."""
+    model = random_model("llama", seed=1, num_layers=4)
+    prompt = " ".join(["word"] * 120)  # 600 tokens, one prefill forward
+    full = generate(model, tokenizer, prompt, max_new_tokens=2, eos_token_id=[], prefill_chunk_size=1024)
+    got = generate(model, tokenizer, prompt, cache=f"{name}:budget=0.25", max_new_tokens=2, eos_token_id=[],
+                   prefill_chunk_size=1024)
+    # 4 layers: 3 compressed to a quarter (plus headroom) and one whole
+    assert got.stats.peak_cache_bytes < 0.55 * full.stats.peak_cache_bytes

@@ -169,7 +169,8 @@ def _generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     if kv.policy is not None:
         # A policy reads attention statistics and/or leaves per-head selections that only the kvcache
         # attention function can mask: switch the model to it for this call.
-        kv.policy.start(prompt_lengths=attention_mask.sum(-1), max_new_tokens=max_new_tokens, seed=seed)
+        kv.policy.start(prompt_lengths=attention_mask.sum(-1), max_new_tokens=max_new_tokens, seed=seed,
+                        prefill_chunks=-(-prompt_len // prefill_chunk_size))
         hooks = chain(kv.policy.hooks(), hooks)
         attention = enable(model)
     with torch.inference_mode(), attention:

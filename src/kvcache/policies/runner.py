@@ -65,15 +65,20 @@ class PolicyRunner:
         self.generator: torch.Generator | None = None
         self._seed = 0
         self._driven = False  # a decode driver calls the hooks (else: model.generate, phases inferred)
+        self._prefill_chunks: int | None = None  # forwards of a driven prefill, when known
+        self._chunk = -1  # the driven prefill forward running now
         self._layer_index = {id(layer): i for i, layer in enumerate(layers)}
 
     # ----- set-up by a driver ----------------------------------------------------------------------------
     def start(self, prompt_lengths: torch.Tensor | None = None, max_new_tokens: int | None = None,
-              seed: int | None = None) -> None:
+              seed: int | None = None, prefill_chunks: int | None = None) -> None:
         """A new generation: ``(B,)`` real prompt tokens per row (budgets known before the prompt streams in),
-        its length (Keyformer's temperature schedule) and the seed of stochastic scores."""
+        its length (Keyformer's temperature schedule), the seed of stochastic scores, and how many forwards
+        the prefill takes (so the prompt selection can run layer by layer inside the last one)."""
         self.phase = "prefill"
         self.decode_step = 0
+        self._prefill_chunks = prefill_chunks
+        self._chunk = -1
         self.prompt_lengths = None if prompt_lengths is None else prompt_lengths.to(torch.long)
         self.max_new_tokens = max_new_tokens
         self._seed = 0 if seed is None else seed
@@ -159,8 +164,20 @@ class PolicyRunner:
 
     def before_update(self, layer: PolicyLayer, new_tokens: int) -> None:
         """Called by each layer before it stores new tokens: counts decode steps and, for forwards that did
-        not announce themselves through :meth:`before_forward`, catches up on evictions."""
-        if self._layer_index.get(id(layer)) == 0:
+        not announce themselves through :meth:`before_forward`, catches up on evictions.
+
+        During a driven prefill, the previous layer's attention is done for this forward: when the policy
+        selects now (after every chunk for policies that stream, after the last chunk for the others), that
+        layer is brought to its budget here, so the prompt is never held whole in every layer at once (the
+        peak is the compressed layers plus one layer's prompt)."""
+        index = self._layer_index.get(id(layer), 0)
+        if self._driven and self.phase == "prefill":
+            self._chunk += index == 0
+            last = self._prefill_chunks is not None and self._chunk == self._prefill_chunks - 1
+            if index > 0 and "prefill" in self.policy.phases and (self.policy.streams or last):
+                self.evict(self.layers[index - 1])
+            return
+        if index == 0:
             self._infer_phase(new_tokens)
             if self.phase == "decode" and layer.physical_length:
                 self.decode_step += 1
