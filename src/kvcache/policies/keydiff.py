@@ -24,11 +24,12 @@ __all__ = ["KeyDiff", "dissimilarity"]
 def dissimilarity(layer: PolicyLayer) -> torch.Tensor:
     """``(B, H_kv, T_held)`` negative cosine similarity of each held key to its (row, head)'s mean normalised
     real key: higher is more distinctive."""
-    keys = torch.nn.functional.normalize(layer.held_keys().to(torch.float32), dim=-1)
-    valid = (layer.held_positions() >= 0)[..., None]
-    anchor = (keys * valid).sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp_min(1)
-    anchor = torch.nn.functional.normalize(anchor, dim=-1)
-    return -(keys * anchor).sum(dim=-1)
+    keys = layer.held_keys().to(torch.float32)
+    norms = torch.linalg.vector_norm(keys, dim=-1).clamp_min(1e-12)  # (B, H, T)
+    # The mean of the real keys' unit vectors without materialising them: sum_t (valid_t / |k_t|) k_t
+    weights = (layer.held_positions() >= 0).to(torch.float32) / norms
+    anchor = torch.nn.functional.normalize(torch.matmul(weights[:, :, None, :], keys), dim=-1)  # (B, H, 1, D)
+    return -torch.matmul(keys, anchor.transpose(-1, -2))[..., 0] / norms
 
 
 @dataclass
