@@ -16,7 +16,7 @@ release that has the newer form (checked on 5.2 to 5.24):
   (:func:`forward_arguments`).
 - Models hand their attention keyword arguments to ``Cache.update(..., kwargs=...)`` (5.24, most
   architectures); before, only the model's ``forward`` keyword arguments reach the attention function, so
-  per-call data for it (the attention observer) travels as a forward argument (``ForwardArguments.extra``).
+  per-call data for it (the cache itself) travels as a forward argument (``ForwardArguments.extra``).
   That route needs 5.3: in 5.2, ``GPT2LMHeadModel.forward`` drops its keyword arguments, hence the pin.
 """
 
@@ -129,7 +129,7 @@ class ForwardArguments:
         Whether it can skip the vocabulary projection of all but the last positions.
     extra:
         Whether it takes other keyword arguments (``**kwargs``), which reach the attention function on every
-        release (the way the attention observer travels, ``kvcache.cache.OBSERVER_KWARG``).
+        release (the way the cache reaches the kvcache attention function, ``kvcache.cache.CACHE_KWARG``).
     """
 
     cache: str
