@@ -131,9 +131,9 @@ def kvcache_attention(
                                       scaling=scaling, **kwargs)
     out, weights, logits = _softmax_attention(module, query, key, value, attention_mask, scaling, dropout,
                                               softcap)
-    if request is not None and cache is not None and cache.observer is not None:
+    if request is not None and cache is not None and cache.observer is not None:  # a request came from it
         stats = weights if request.values == "weights" else logits
-        cache.observer.observe(int(module.layer_idx), select_rows(request, stats, query_valid))
+        cache.observer.observe(layer_idx, select_rows(request, stats, query_valid))
     return out, weights
 
 

@@ -212,6 +212,7 @@ class KVCache(Cache):
             raise KVCacheError("a KVCache needs at least one layer store")
         # Typed view of ``layers`` (the same objects): transformers types them as any kind of layer.
         self._adapters = [HFCacheLayer(s) for s in stores]
+        self._stores = list(stores)  # the adapters' stores, fixed for the cache's life (read every update)
         super().__init__(layers=list(self._adapters))
         self.spec = CacheSpec.parse(spec)
         self.observer: AttentionObserver | None = None
@@ -262,8 +263,6 @@ class KVCache(Cache):
         spec = CacheSpec.parse(spec)
         spec.require_available()
         validate.check_cache_arguments(config, batch_size, max_cache_len, device)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise KVCacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         num_layers, num_kv_heads, head_dims = model_cache_shape(config)
         dtype = dtype or _config_dtype(config)
         stores = [
@@ -400,7 +399,7 @@ class KVCache(Cache):
     @property
     def stores(self) -> list[CacheLayer]:
         """The per-layer :class:`CacheLayer` objects."""
-        return [layer.store for layer in self._adapters]
+        return self._stores
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (logical length; positions continue from it)."""

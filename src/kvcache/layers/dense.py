@@ -141,7 +141,7 @@ class DynamicLayer(CacheLayer):
         if kv is None or pos is None or self._keys is None or self._values is None or self._pos is None:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
         keys, values = kv
-        idx, pos = _gather_positions(indices, invalid, pos)
+        idx = _sorted_slots(indices, invalid, pos)
         n, held = idx.shape[-1], self._length
         if 0 < held - n <= n // 8 + 1:
             # A few slots go (decode-time eviction): fill each hole below n with a kept slot from above it,
@@ -164,7 +164,7 @@ class DynamicLayer(CacheLayer):
         new_p = pos.new_empty((b, h, n + headroom))
         new_k[:, :, :n] = keys.gather(2, idx[..., None].expand(-1, -1, -1, dk))
         new_v[:, :, :n] = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
-        new_p[:, :, :n] = pos
+        new_p[:, :, :n] = _marked(indices, invalid, pos).gather(2, idx)
         self._keys, self._values, self._pos, self._length = new_k, new_v, new_p, n
         self.slots_remapped = True
         return idx
@@ -362,7 +362,8 @@ class StaticLayer(CacheLayer):
         if held == 0:
             raise KVCacheError("keep() called on an empty layer; there is nothing to select from")
         keys, values = self._keys[:, :, :held], self._values[:, :, :held]
-        idx, pos = _gather_positions(indices, invalid, self._pos[:, :, :held])
+        idx = _sorted_slots(indices, invalid, self._pos[:, :, :held])
+        pos = _marked(indices, invalid, self._pos[:, :, :held]).gather(2, idx)
         n = idx.shape[-1]
         new_k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
         new_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
@@ -414,13 +415,10 @@ class StaticLayer(CacheLayer):
         self.slots_remapped = False
 
 
-def _gather_positions(indices: torch.Tensor, invalid: torch.Tensor | None,
-                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate ``keep()``'s arguments against the held ``(B, H_kv, T)`` positions.
-
-    Returns the slot indices sorted ascending (int64) and the kept slots' positions, ``-1`` where
-    ``invalid`` says so.
-    """
+def _sorted_slots(indices: torch.Tensor, invalid: torch.Tensor | None,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """Validate ``keep()``'s arguments against the held ``(B, H_kv, T)`` positions; return the slot indices
+    sorted ascending (int64)."""
     b, h, length = positions.shape
     if indices.dim() != 3 or indices.shape[0] != b or indices.shape[1] != h:
         raise KVCacheError(
@@ -432,14 +430,7 @@ def _gather_positions(indices: torch.Tensor, invalid: torch.Tensor | None,
         raise KVCacheError(
             f"keep() invalid must match indices {tuple(indices.shape)}; got {tuple(invalid.shape)}"
         )
-    indices = indices.to(device=positions.device, dtype=torch.long)
-    if invalid is not None:
-        # Sort the flags along with their slots.
-        idx, order = indices.sort(dim=-1)
-        pos = positions.gather(2, idx).masked_fill(invalid.to(positions.device).gather(2, order), -1)
-        return idx, pos
-    idx = indices.sort(dim=-1).values
-    return idx, positions.gather(2, idx)
+    return indices.to(device=positions.device, dtype=torch.long).sort(dim=-1).values
 
 
 def _marked(indices: torch.Tensor, invalid: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
