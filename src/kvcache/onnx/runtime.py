@@ -216,16 +216,19 @@ def _past_mask(cache: KVCache, batch: int) -> torch.Tensor:
         return torch.zeros(batch, 0, dtype=torch.long)
     held = stores[0].physical_length
     pos = first[:, :, :held]
-    for store in stores:
-        other = store.positions
-        if other is None or other.shape[-1] < held or not torch.equal(other[:, :, :held], pos):
+    # Until a keep() re-selects slots, every layer and head holds the tokens of the same columns (padding
+    # marked alike): layer 0's first head speaks for all, with no per-step comparison.
+    if any(store.slots_remapped for store in stores):
+        for store in stores:
+            other = store.positions
+            if other is None or other.shape[-1] < held or not torch.equal(other[:, :, :held], pos):
+                raise KVCacheError(
+                    "the cache holds different tokens per layer or per KV head, which an ONNX graph's 2-D "
+                    "attention mask cannot express; run this spec on PyTorch"
+                )
+        if bool((pos != pos[:, :1]).any()):
             raise KVCacheError(
-                "the cache holds different tokens per layer or per KV head, which an ONNX graph's 2-D "
-                "attention mask cannot express; run this spec on PyTorch"
+                "the cache holds different tokens per KV head, which an ONNX graph's 2-D attention mask "
+                "cannot express; run this spec on PyTorch"
             )
-    if bool((pos != pos[:, :1]).any()):
-        raise KVCacheError(
-            "the cache holds different tokens per KV head, which an ONNX graph's 2-D attention mask cannot "
-            "express; run this spec on PyTorch"
-        )
     return (pos[:, 0] >= 0).long()
