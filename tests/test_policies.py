@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kvcache
+import kvcache.resources
 from kvcache import KVCacheError, generate
 from kvcache.cache import KVCache
 from kvcache.hooks import DecodeHooks
@@ -270,3 +271,12 @@ def test_the_prompt_is_never_held_whole_in_every_layer(tokenizer, name: str) -> 
                    prefill_chunk_size=1024)
     # 4 layers: 3 compressed to a quarter (plus headroom) and one whole
     assert got.stats.peak_cache_bytes < 0.55 * full.stats.peak_cache_bytes
+
+
+def test_a_huge_generation_with_a_policy_names_the_mask_not_a_policy(llama, tokenizer) -> None:
+    # the cache is bounded by the policy already; the refusal must not suggest adding one
+    with pytest.raises(kvcache.resources.CacheMemoryError, match="attention mask spans every token") as err:
+        generate(llama, tokenizer, "hi", cache="h2o:budget=0.5", max_new_tokens=10**11)
+    assert "bound the cache with a retention policy" not in str(err.value)
+    with pytest.raises(kvcache.resources.CacheMemoryError, match="bound the cache with a retention policy"):
+        generate(llama, tokenizer, "hi", max_new_tokens=10**11)

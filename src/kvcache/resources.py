@@ -100,7 +100,8 @@ def estimate_bytes(config: Any, spec: Any, *, batch: int, prompt_len: int, max_n
     elif _is_static(spec) or not _bounded_by_policy(spec):
         length, knob = total, "max_new_tokens (--max-new-tokens)"
     else:
-        length, knob = 0, "max_new_tokens (--max-new-tokens)"
+        # A retention policy holds at most the prompt (while it is prefilled) and then its budget.
+        length, knob = prompt_len, "max_new_tokens (--max-new-tokens)"
     # the decode loop's attention mask spans every position (and every slot of a static cache), int64
     mask = batch * max(total, capacity or 0) * 8
     return per_token * length + mask, knob
@@ -128,11 +129,14 @@ def check_fits(config: Any, spec: Any, *, batch: int, prompt_len: int, max_new_t
                                 max_new_tokens=max_new_tokens, dtype=dtype)
     free = available_memory(device)
     if free is not None and need > free:
+        # With a policy the cache is bounded already: what grows is the attention mask over every token.
+        fix = (" (the attention mask spans every token generated, 8 bytes each per row)"
+               if _bounded_by_policy(spec)
+               else ", or bound the cache with a retention policy (e.g. h2o:budget=0.25)")
         raise CacheMemoryError(
             f"this generation needs up to {human_bytes(need)} for its KV cache and masks ({batch} row(s), "
             f"{prompt_len} prompt + {max_new_tokens} new tokens) but {torch.device(device)} has "
-            f"{human_bytes(free)} free; lower {knob}, or bound the cache with a retention policy (e.g. "
-            "h2o:budget=0.25)")
+            f"{human_bytes(free)} free; lower {knob}{fix}")
     if context is not None and prompt_len + max_new_tokens > context:
         warnings.warn(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                       f"context of {context} tokens; text generated past it is unreliable", stacklevel=3)
