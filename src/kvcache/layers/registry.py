@@ -15,11 +15,14 @@ from typing import Any
 import torch
 
 from kvcache.errors import KVCacheError, UnsupportedSpecError
-from kvcache.layers.base import CacheLayer
+from kvcache.layers.base import POSITION_DTYPE, CacheLayer, MemoryUse
 from kvcache.layers.dense import DynamicLayer, StaticLayer
 from kvcache.spec import CacheSpec, SpecPart
 
-__all__ = ["LayerShape", "LAYOUTS", "WRAPPERS", "build_store"]
+__all__ = [
+    "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "WRAPPERS", "WRAPPER_BYTES", "build_store", "dense_bytes",
+    "estimate_store",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class LayerShape:
 
 LayoutBuilder = Callable[[Mapping[str, Any], LayerShape], CacheLayer]
 WrapperBuilder = Callable[[CacheLayer, Mapping[str, Any], LayerShape], CacheLayer]
+#: (layout params, shape, tokens held) -> slots the layout allocates for them
+LayoutSlots = Callable[[Mapping[str, Any], LayerShape, int], int]
+#: (bytes of the inner store, its slots, params, shape) -> bytes once wrapped
+WrapperBytes = Callable[[MemoryUse, int, Mapping[str, Any], LayerShape], MemoryUse]
 
 
 def _dynamic(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
@@ -65,10 +72,19 @@ def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
                        shape.device)
 
 
+def _static_slots(params: Mapping[str, Any], shape: LayerShape, tokens: int) -> int:
+    return int(params.get("capacity") or shape.max_cache_len or tokens)
+
+
 #: layout name -> builder of the store
 LAYOUTS: dict[str, LayoutBuilder] = {"dynamic": _dynamic, "static": _static}
+#: layout name -> slots it allocates to hold a number of tokens (a growable layout: the tokens themselves)
+LAYOUT_SLOTS: dict[str, LayoutSlots] = {"dynamic": lambda params, shape, tokens: tokens,
+                                        "static": _static_slots}
 #: precision/placement name -> builder that wraps (or replaces) the layout's store; applied in kind order
 WRAPPERS: dict[str, WrapperBuilder] = {}
+#: precision/placement name -> how it changes the bytes of the store it wraps (same order as WRAPPERS)
+WRAPPER_BYTES: dict[str, WrapperBytes] = {}
 _WRAP_ORDER = ("precision", "placement")
 
 
@@ -105,3 +121,26 @@ def _storage_parts(spec: CacheSpec) -> list[SpecPart]:
         if part is not None:
             parts.append(part)
     return parts
+
+
+def dense_bytes(slots: int, shape: LayerShape) -> int:
+    """Bytes of a full-precision store of ``slots`` slots: keys, values and slot positions, all rows."""
+    per_slot = shape.num_kv_heads * (2 * shape.head_dim * shape.dtype.itemsize + POSITION_DTYPE.itemsize)
+    return shape.batch_size * slots * per_slot
+
+
+def estimate_store(spec: CacheSpec, shape: LayerShape, tokens: int) -> MemoryUse:
+    """Bytes one layer's store for ``spec`` holds with ``tokens`` tokens per row, by place, unbuilt.
+
+    The same arithmetic as the stores' own :meth:`~kvcache.layers.base.CacheLayer.memory` (a test holds
+    them together), for choosing a spec before anything is allocated (``--max-cache-memory``, ``kvcache
+    info``). Growth headroom of a growable store is not counted.
+    """
+    layout = spec.layout
+    slots = LAYOUT_SLOTS[layout.name](layout.params, shape, tokens)
+    use = MemoryUse(device=dense_bytes(slots, shape))
+    for kind in _WRAP_ORDER:
+        part = getattr(spec, kind)
+        if part is not None and part.name in WRAPPER_BYTES:
+            use = WRAPPER_BYTES[part.name](use, slots, part.params, shape)
+    return use
