@@ -173,6 +173,10 @@ def _generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                         prefill_chunks=-(-prompt_len // prefill_chunk_size))
         hooks = chain(kv.policy.hooks(), hooks)
         attention = enable(model)
+    elif spec.precision is not None and not bool(attention_mask.all()):
+        # A quantized store drops left padding as it quantizes (each row's groups hold its own tokens), so
+        # slots stop matching columns: masks must come from the slots' positions.
+        attention = enable(model)
     with torch.inference_mode(), attention:
         return decode(step, kv, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler,
                       generator=make_generator(seed, device), checker=checker, pad_id=pad_id,

@@ -83,6 +83,7 @@ _KIND_LIST: tuple[KindInfo, ...] = (
                 "most recent tokens kept in full precision before quantization",
             ),
         ),
+        available=True,
     ),
     KindInfo("offload", "placement", "keep K/V in host memory, prefetch the next layer ahead of use"),
     KindInfo("full", "policy", "keep every token (the default)", available=True),

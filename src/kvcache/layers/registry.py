@@ -1,9 +1,10 @@
 """Building a layer's store from a cache spec: one builder per layout, one per wrapping kind.
 
 A spec names at most one layout (``dynamic``, ``static``), one precision (``quantized``) and one placement
-(``offload``). The layout's builder makes the inner store; the precision and placement builders, when
-given, wrap or replace it, in that order (what is stored, then where it lives). A kind without a builder
-here is not built yet and is refused with the parts that are.
+(``offload``). A precision's builder makes the store in place of the layout's (given the layout part: a
+quantized store of fixed capacity for ``static``), else the layout's builder makes it; a placement's builder
+then wraps it (what is stored, then where it lives). A kind without a builder here is not built yet and is
+refused with the parts that are.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.base import POSITION_DTYPE, CacheLayer, MemoryUse
 from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.layers.quantized import QuantizedLayer, quantized_bytes
 from kvcache.spec import CacheSpec, SpecPart
 
 __all__ = [
-    "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "WRAPPERS", "WRAPPER_BYTES", "build_store", "dense_bytes",
+    "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "PRECISIONS", "PRECISION_BYTES", "WRAPPERS", "WRAPPER_BYTES",
+    "build_store", "dense_bytes",
     "estimate_store",
 ]
 
@@ -55,6 +58,9 @@ WrapperBuilder = Callable[[CacheLayer, Mapping[str, Any], LayerShape], CacheLaye
 LayoutSlots = Callable[[Mapping[str, Any], LayerShape, int], int]
 #: (bytes of the inner store, its slots, params, shape) -> bytes once wrapped
 WrapperBytes = Callable[[MemoryUse, int, Mapping[str, Any], LayerShape], MemoryUse]
+PrecisionBuilder = Callable[[SpecPart, Mapping[str, Any], LayerShape], CacheLayer]
+#: (layout part, tokens held, params, shape) -> bytes of the store
+PrecisionBytes = Callable[[SpecPart, int, Mapping[str, Any], LayerShape], MemoryUse]
 
 
 def _dynamic(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
@@ -81,11 +87,34 @@ LAYOUTS: dict[str, LayoutBuilder] = {"dynamic": _dynamic, "static": _static}
 #: layout name -> slots it allocates to hold a number of tokens (a growable layout: the tokens themselves)
 LAYOUT_SLOTS: dict[str, LayoutSlots] = {"dynamic": lambda params, shape, tokens: tokens,
                                         "static": _static_slots}
-#: precision/placement name -> builder that wraps (or replaces) the layout's store; applied in kind order
+def _quantized(layout: SpecPart, params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
+    # Replaces the layout's store (its slots hold codes now); a static layout gives it a fixed capacity.
+    capacity = None
+    if layout.name == "static":
+        capacity = layout.params.get("capacity") or shape.max_cache_len
+        if capacity is None:
+            raise KVCacheError("a quantized static cache needs a capacity: write 'static:capacity=N+int4' or "
+                               "pass max_cache_len=N (prompt length + new tokens)")
+    return QuantizedLayer(params.get("bits", 4), params.get("group", 64), params.get("residual", 128),
+                          capacity=capacity)
+
+
+def _quantized_bytes(layout: SpecPart, tokens: int, params: Mapping[str, Any],
+                     shape: LayerShape) -> MemoryUse:
+    capacity = _static_slots(layout.params, shape, tokens) if layout.name == "static" else None
+    return MemoryUse(device=quantized_bytes(
+        tokens, shape.batch_size, shape.num_kv_heads, shape.head_dim, shape.dtype, params.get("bits", 4),
+        params.get("group", 64), params.get("residual", 128), capacity=capacity))
+
+
+#: precision name -> builder of a store that replaces the layout's (given the layout part)
+PRECISIONS: dict[str, PrecisionBuilder] = {"quantized": _quantized}
+#: precision name -> bytes of its store for the layout part and a number of tokens
+PRECISION_BYTES: dict[str, PrecisionBytes] = {"quantized": _quantized_bytes}
+#: placement name -> builder that wraps the store
 WRAPPERS: dict[str, WrapperBuilder] = {}
-#: precision/placement name -> how it changes the bytes of the store it wraps (same order as WRAPPERS)
-WRAPPER_BYTES: dict[str, WrapperBytes] = {}
-_WRAP_ORDER = ("precision", "placement")
+#: placement name -> how it changes the bytes (and their place) of the store it wraps
+WRAPPER_BYTES: dict[str, WrapperBytes] = {"quantized": _quantized_bytes}
 
 
 def build_store(spec: CacheSpec, shape: LayerShape) -> CacheLayer:
@@ -98,29 +127,25 @@ def build_store(spec: CacheSpec, shape: LayerShape) -> CacheLayer:
     KVCacheError
         When the parts' parameters do not fit the run (e.g. ``static`` without a capacity).
     """
-    missing = [p.name for p in _storage_parts(spec) if p.name not in LAYOUTS and p.name not in WRAPPERS]
+    built = set(LAYOUTS) | set(PRECISIONS) | set(WRAPPERS)
+    missing = [p.name for p in _storage_parts(spec) if p.name not in built]
     if missing:
         raise UnsupportedSpecError(
             f"the cache spec '{spec}' names {', '.join(missing)}, which this release cannot build; "
-            f"layouts built: {', '.join(LAYOUTS)}"
-            + (f"; wrappers built: {', '.join(WRAPPERS)}" if WRAPPERS else "")
+            f"built: {', '.join(sorted(built))}"
         )
-    store = LAYOUTS[spec.layout.name](spec.layout.params, shape)
-    for kind in _WRAP_ORDER:
-        part = getattr(spec, kind)
-        if part is not None:
-            store = WRAPPERS[part.name](store, part.params, shape)
+    if spec.precision is not None:
+        store = PRECISIONS[spec.precision.name](spec.layout, spec.precision.params, shape)
+    else:
+        store = LAYOUTS[spec.layout.name](spec.layout.params, shape)
+    if spec.placement is not None:
+        store = WRAPPERS[spec.placement.name](store, spec.placement.params, shape)
     return store
 
 
 def _storage_parts(spec: CacheSpec) -> list[SpecPart]:
     """The parts that decide how K/V are stored: layout, then precision and placement when given."""
-    parts = [spec.layout]
-    for kind in _WRAP_ORDER:
-        part = getattr(spec, kind)
-        if part is not None:
-            parts.append(part)
-    return parts
+    return [p for p in (spec.layout, spec.precision, spec.placement) if p is not None]
 
 
 def dense_bytes(slots: int, shape: LayerShape) -> int:
@@ -138,9 +163,10 @@ def estimate_store(spec: CacheSpec, shape: LayerShape, tokens: int) -> MemoryUse
     """
     layout = spec.layout
     slots = LAYOUT_SLOTS[layout.name](layout.params, shape, tokens)
-    use = MemoryUse(device=dense_bytes(slots, shape))
-    for kind in _WRAP_ORDER:
-        part = getattr(spec, kind)
-        if part is not None and part.name in WRAPPER_BYTES:
-            use = WRAPPER_BYTES[part.name](use, slots, part.params, shape)
+    if spec.precision is not None:
+        use = PRECISION_BYTES[spec.precision.name](layout, tokens, spec.precision.params, shape)
+    else:
+        use = MemoryUse(device=dense_bytes(slots, shape))
+    if spec.placement is not None and spec.placement.name in WRAPPER_BYTES:
+        use = WRAPPER_BYTES[spec.placement.name](use, slots, spec.placement.params, shape)
     return use
