@@ -241,8 +241,9 @@ class QuantizedLayer(CacheLayer):
         pk, ks, kz = ops.quantize_keys(keys, pos >= 0, self.bits, g)
         pv, vs, vz = ops.quantize_values(values, None, self.bits, self._value_group(values.shape[-1]))
         q, ng, end = self._q_len, self._n_groups, self._q_len + n
-        room = self.capacity if self.capacity is not None else end + self.min_growth
-        groups_room = -(-room // g)
+        # Slack for a group or two: a re-allocation copies codes only, every few dozen groups on long runs.
+        room = self.capacity if self.capacity is not None else end + max(g, end // 64)
+        groups_room = max(-(-room // g), ng + n // g + 1)  # kept tokens may come from more groups than that
         self._q_keys = _grown(self._q_keys, q, end, keys, (pk.shape[-1],), torch.uint8, room)
         self._q_values = _grown(self._q_values, q, end, keys, (pv.shape[-1],), torch.uint8, room)
         self._v_scale = _grown(self._v_scale, q, end, keys, (vs.shape[-1],), vs.dtype, room)
@@ -398,14 +399,15 @@ def quantized_bytes(tokens: int, batch: int, heads: int, head_dim: int, dtype: t
     """Bytes a :class:`QuantizedLayer` holds with ``tokens`` tokens per row (growth headroom not counted).
 
     Once the residual window has been flushed, ``(tokens - residual) // group * group`` tokens are quantized
-    and the rest sit in the window. With a ``capacity`` the quantized buffers hold ``capacity`` slots and
-    the window ``residual + group``.
+    and the rest sit in the window, a buffer of ``residual + group`` slots. With a ``capacity`` the quantized
+    buffers hold ``capacity`` slots.
     """
     value_group = group if head_dim % group == 0 else head_dim
     itemsize = dtype.itemsize
     pos = POSITION_DTYPE.itemsize
     quantized = max(0, (tokens - residual) // group) * group
-    window = tokens - quantized
+    # the window's buffer holds residual + group slots once tokens started leaving it
+    window = tokens - quantized if not quantized else residual + group
     if capacity is not None:
         quantized, window = capacity, residual + group
     per_quantized = 2 * head_dim * bits // 8 + 2 * (head_dim // value_group) * itemsize + pos
