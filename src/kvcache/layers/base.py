@@ -214,6 +214,13 @@ class CacheLayer(ABC):
     def release(self) -> None:  # noqa: B027
         """The layer's attention is done for this forward: device copies may be dropped."""
 
+    def take_relayout(self) -> torch.Tensor | None:
+        """Slots the store moved on its own since last asked (a quantized store drops padding as it
+        quantizes), and forget them: ``(B, H_kv, T_phys)`` int64, new slot ``j`` holds what old slot
+        ``order[..., j]`` held, or ``None`` when nothing moved. Per-slot state kept beside the store (a
+        policy's scores) follows by gathering with it, as after :meth:`keep`."""
+        return None
+
     # ----- shared helpers ----------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes this store holds now, wherever they live (``memory().total``)."""
@@ -317,6 +324,9 @@ class LayerWrapper(CacheLayer):
 
     def prefetch(self) -> None:
         self.inner.prefetch()
+
+    def take_relayout(self) -> torch.Tensor | None:
+        return self.inner.take_relayout()
 
     def release(self) -> None:
         self.inner.release()

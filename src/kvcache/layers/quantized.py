@@ -37,15 +37,13 @@ __all__ = ["QuantizedLayer", "quantized_bytes"]
 
 
 def _grown(t: torch.Tensor | None, used: int, needed: int, like: torch.Tensor, shape_tail: tuple[int, ...],
-           dtype: torch.dtype, capacity: int, fill: int | None = None) -> torch.Tensor:
+           dtype: torch.dtype, capacity: int) -> torch.Tensor:
     """``t`` (time on dim 2) with room for ``needed`` slots: itself when it has it, else a new buffer of
     ``capacity`` slots holding its first ``used``."""
     if t is not None and t.shape[2] >= needed:
         return t
     b, h = like.shape[:2]
     new = torch.empty((b, h, capacity, *shape_tail), dtype=dtype, device=like.device)
-    if fill is not None:
-        new.fill_(fill)
     if t is not None and used:
         new[:, :, :used].copy_(t[:, :, :used])
     return new
@@ -124,6 +122,7 @@ class QuantizedLayer(CacheLayer):
                                f"keys {tuple(key.shape)} and values {tuple(value.shape)}")
         b, h, t, dk = key.shape
         dv = value.shape[-1]
+        self._relayout = None  # whoever keeps state beside the slots took it after the last call, or never
         if self._r_keys is None or self._r_values is None or not (self.seen or self.physical_length):
             self._check_dims(dk, dv)
             self.reset()  # a new batch may bring another shape
@@ -133,11 +132,14 @@ class QuantizedLayer(CacheLayer):
                 raise KVCacheError(f"new keys {tuple(key.shape)} / values {tuple(value.shape)} do not match "
                                    f"the cached (B, H_kv, D_k, D_v) = {held}; call reset() first")
             self._flush()
-        if self.capacity is not None and self.physical_length + t > self.capacity:
-            raise CacheCapacityError(
-                f"the quantized static cache holds {self.capacity} slots per sequence; "
-                f"{self.physical_length} are used and {t} more do not fit: raise static:capacity=N "
-                "(or max_cache_len)")
+        if self.capacity is not None:
+            # Counted in tokens: rows padded to the longest (fillers) do not use up a row's capacity.
+            positions = self.positions
+            held = 0 if positions is None else int((positions >= 0).sum(-1).max())
+            if held + t > self.capacity:
+                raise CacheCapacityError(
+                    f"the quantized static cache holds {self.capacity} tokens per sequence; {held} are held "
+                    f"and {t} more do not fit: raise static:capacity=N (or max_cache_len)")
         new_pos = new_positions(self.seen, t, valid, b, h, key.device)
         end = self._r_len + t
         # Growth headroom, but never past the window's own size unless a prompt chunk is larger.
@@ -223,8 +225,16 @@ class QuantizedLayer(CacheLayer):
             stay = order.gather(-1, (take + torch.arange(m, device=pos.device)).clamp(max=self._r_len - 1))
             r_pad = torch.arange(m, device=pos.device) >= stays
             self.slots_remapped = True
+            q = self._q_len
+            moved = torch.cat([torch.arange(q, device=pos.device).expand(*pos.shape[:2], q), q_idx + q,
+                               stay + q], dim=-1)
+            self._relayout = moved if self._relayout is None else self._relayout.gather(-1, moved)
         self._append_quantized(q_idx, filler, n)
         self._keep_window(stay, r_pad)
+
+    def take_relayout(self) -> torch.Tensor | None:
+        order, self._relayout = self._relayout, None
+        return order
 
     def _append_quantized(self, index: torch.Tensor | None, filler: torch.Tensor | None, n: int) -> None:
         """Quantize window slots ``index`` ``(B, H, n)`` (``None``: the first ``n``; ``filler``: slots that
@@ -242,7 +252,9 @@ class QuantizedLayer(CacheLayer):
         pv, vs, vz = ops.quantize_values(values, None, self.bits, self._value_group(values.shape[-1]))
         q, ng, end = self._q_len, self._n_groups, self._q_len + n
         # Slack for a group or two: a re-allocation copies codes only, every few dozen groups on long runs.
-        room = self.capacity if self.capacity is not None else end + max(g, end // 64)
+        room = end + max(g, end // 64)
+        if self.capacity is not None:  # allocated once, with a group of room for the fillers of ragged rows
+            room = max(room, self.capacity + g)
         groups_room = max(-(-room // g), ng + n // g + 1)  # kept tokens may come from more groups than that
         self._q_keys = _grown(self._q_keys, q, end, keys, (pk.shape[-1],), torch.uint8, room)
         self._q_values = _grown(self._q_values, q, end, keys, (pv.shape[-1],), torch.uint8, room)
@@ -310,7 +322,10 @@ class QuantizedLayer(CacheLayer):
         self._r_pos, self._r_len = r_pos, nr
         self.slots_remapped = True
         self._positions = None
-        return torch.cat([q_sel, r_sel], dim=-1)
+        order = torch.cat([q_sel, r_sel], dim=-1)
+        if self._relayout is not None:  # slots moved since the caller last looked: map to what it knows
+            order, self._relayout = self._relayout.gather(-1, order), None
+        return order
 
     def _keep_quantized(self, sel: torch.Tensor, pad: torch.Tensor, marked: torch.Tensor) -> None:
         """Gather the kept quantized slots ``sel`` ``(B, H, n)`` (``pad``: fillers); free unused groups."""
@@ -345,7 +360,7 @@ class QuantizedLayer(CacheLayer):
 
     def index_batch(self, index: torch.Tensor) -> None:
         for name in ("_r_keys", "_r_values", "_r_pos", "_q_keys", "_q_values", "_v_scale", "_v_zero",
-                     "_q_pos", "_k_scale", "_k_zero", "_groups"):
+                     "_q_pos", "_k_scale", "_k_zero", "_groups", "_relayout"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index.to(t.device)))
@@ -390,6 +405,7 @@ class QuantizedLayer(CacheLayer):
         self._groups: torch.Tensor | None = None  # (B, H, C_q) key group of each slot; None: slot // group
         self._q_len = self._n_groups = 0
         self._positions: torch.Tensor | None = None
+        self._relayout: torch.Tensor | None = None  # slots moved by a flush, not yet taken
         self.seen = 0
         self.slots_remapped = False
 
@@ -408,8 +424,8 @@ def quantized_bytes(tokens: int, batch: int, heads: int, head_dim: int, dtype: t
     quantized = max(0, (tokens - residual) // group) * group
     # the window's buffer holds residual + group slots once tokens started leaving it
     window = tokens - quantized if not quantized else residual + group
-    if capacity is not None:
-        quantized, window = capacity, residual + group
+    if capacity is not None:  # buffers allocated once, a group larger (fillers of ragged rows)
+        quantized, window = capacity + group, residual + group
     per_quantized = 2 * head_dim * bits // 8 + 2 * (head_dim // value_group) * itemsize + pos
     key_groups = -(-quantized // group) * 2 * head_dim * itemsize
     per_window = 2 * head_dim * itemsize + pos

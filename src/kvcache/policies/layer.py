@@ -47,12 +47,22 @@ class PolicyLayer(LayerWrapper):
                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.runner is not None:
             self.runner.before_update(self, key.shape[2])
-        held = self.inner.physical_length
         out = self.inner.update(key, value, valid)
-        new = self.inner.physical_length - held
+        new = key.shape[2]
+        self._follow(self.inner.take_relayout())
+        held = self.inner.physical_length - new
         zeros = torch.zeros(key.shape[0], key.shape[1], new, dtype=torch.float32, device=key.device)
         self.scores = zeros if self.scores is None or not held else torch.cat([self.scores, zeros], dim=-1)
         return out
+
+    def release(self) -> None:
+        self.inner.release()
+        self._follow(self.inner.take_relayout())
+
+    def _follow(self, order: torch.Tensor | None) -> None:
+        """The store moved its slots on its own: the scores move with them."""
+        if order is not None and self.scores is not None:
+            self.scores = self.scores.gather(-1, order.to(self.scores.device))
 
     def keep(self, indices: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
         order = self.inner.keep(indices, invalid)
