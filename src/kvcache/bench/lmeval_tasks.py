@@ -1,9 +1,9 @@
 """The bench's retrieval prompts as offline LM Evaluation Harness tasks: JSONL data + task YAML.
 
 lm-eval's own benchmarks download their data from the Hugging Face Hub; these tasks read local JSONL
-(``dataset_path: json``), so ``lm_eval --model kvcache`` runs with no network. The prompts are exactly the ones
-``kvcache bench`` scores (:func:`kvcache.bench.prompts.build_prompts`, same seeds and sizes), and the metric
-is the bench's own check (:func:`kvcache.bench.tasks.answer_matches` through
+(``dataset_path: json``), so ``lm_eval --model kvcache`` runs with no network. The prompts are exactly the
+ones ``kvcache bench`` scores (:func:`kvcache.bench.prompts.build_prompts`, same seeds and sizes), and the
+metric is the bench's own check (:func:`kvcache.bench.tasks.answer_matches` through
 :func:`kvcache.lmeval.process_results`), so the two report the same accuracy on the same prompts.
 
 Written per task ``T`` (``passkey``, ``needles``): ``T.jsonl`` (one example a line: ``prompt``, ``answer``,
@@ -57,8 +57,8 @@ metadata:
 
 
 def _loglikelihood_yaml(name: str, data: Path) -> str:
-    return f"""# Written by `kvcache export-lmeval`: the passkey prompts scored by log-likelihood (acc: the answer is
-# the greedy continuation; perplexity: of the answer's tokens).
+    return f"""# Written by `kvcache export-lmeval`: the passkey prompts scored by log-likelihood
+# (acc: the answer is the greedy continuation; perplexity: of the answer's tokens).
 task: {name}
 dataset_path: json
 dataset_kwargs:

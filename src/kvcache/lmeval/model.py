@@ -114,8 +114,9 @@ class KVCacheLM(TemplateLM):
             names = ", ".join(sorted(unknown))
             raise KVCacheError(
                 f"unknown model argument(s) for --model kvcache: {names}. Arguments: pretrained, cache, "
-                "batch_size, device, dtype, max_length, prefill_chunk_size, rolling_context. A cache spec with "
-                "commas must be quoted on lm_eval's command line: cache=\"keyformer:budget=0.5,window=0.3\"")
+                "batch_size, device, dtype, max_length, prefill_chunk_size, rolling_context. A cache spec "
+                "with commas must be quoted on lm_eval's command line: "
+                "cache=\"keyformer:budget=0.5,window=0.3\"")
         self.spec = CacheSpec.parse(str(cache))
         self.spec.require_available()
         self.batch_size = _batch_size(batch_size)
@@ -203,7 +204,8 @@ class KVCacheLM(TemplateLM):
             (text,) = req.args
             tokens = self.tok_encode(text, add_special_tokens=False)
             for pair in get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
-                                                  max_seq_len=self.max_length, context_len=self.rolling_context):
+                                                  max_seq_len=self.max_length,
+                                                  context_len=self.rolling_context):
                 ctx, cont = make_disjoint_window(pair)
                 windows.append((list(ctx), list(cont)))
                 owner.append(i)
@@ -216,7 +218,7 @@ class KVCacheLM(TemplateLM):
 
     # ----- generation ---------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled) continuations through :func:`kvcache.generate`, cut at the ``until`` strings."""
+        """Greedy (or sampled) continuations by :func:`kvcache.generate`, cut at the ``until`` strings."""
         from kvcache.generation import generate
 
         prepared = []
@@ -252,8 +254,8 @@ class KVCacheLM(TemplateLM):
         """lm-eval's generation keyword arguments as :func:`kvcache.generate` arguments."""
         unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
         if unknown:
-            raise KVCacheError(f"generation argument(s) {', '.join(unknown)} are not supported by the kvcache "
-                               f"model; it takes: {', '.join(GEN_KWARGS)}")
+            raise KVCacheError(f"generation argument(s) {', '.join(unknown)} are not supported by the "
+                               f"kvcache model; it takes: {', '.join(GEN_KWARGS)}")
         until = gen_kwargs.get("until") or []
         stop = [until] if isinstance(until, str) else [s for s in until if s]
         sample = bool(gen_kwargs.get("do_sample", False))
