@@ -132,6 +132,44 @@ def bench_command(
                f"({len(results['rows'])} rows)", err=True)
 
 
+@app.command("export-lmeval")
+@guarded
+def export_lmeval_command(
+    out: str = typer.Argument(..., help="Folder for the task files (created if missing)."),
+    model: str = typer.Option("default", "--model", "-m",
+                              help="Whose tokenizer sizes the prompts: 'default' or a model folder."),
+    tasks: str = typer.Option("passkey,needles", "--tasks", help="Of: passkey, needles."),
+    quick: bool = typer.Option(False, "--quick", help="The prompt sizes of `kvcache bench --quick`."),
+    contexts: str = typer.Option("", "--contexts", help="Prompt lengths in tokens, e.g. 512,1024 "
+                                 "(default: those of `kvcache bench`)."),
+    n: int | None = typer.Option(None, "--n", min=1, help="Examples per context (default: the bench's)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite task files already in OUT."),
+) -> None:
+    """Write the bench's passkey and multi-needle prompts as offline lm-eval tasks (JSONL + YAML) into OUT.
+
+    Then: lm_eval --model kvcache --model_args pretrained=default,cache=keyformer:budget=0.5 --tasks OUT
+    """
+    from kvcache.bench.lmeval_tasks import export_lmeval_tasks
+    from kvcache.bench.prompts import PromptSettings
+    from kvcache.bench.runner import parse_list
+    from kvcache.errors import KVCacheError
+    from kvcache.models.load import DEFAULT_MODEL_DIR, load_tokenizer
+
+    try:
+        context_list = [int(c) for c in parse_list(contexts)] or None
+    except ValueError:
+        raise KVCacheError(f"--contexts takes token counts separated by commas, got {contexts!r}") from None
+    source = DEFAULT_MODEL_DIR if model == "default" else model
+    tokenizer = load_tokenizer(source)
+    settings = PromptSettings.quick() if quick else PromptSettings()
+    written = export_lmeval_tasks(out, tokenizer, tasks=parse_list(tasks), settings=settings,
+                                  contexts=context_list, n=n, overwrite=force)
+    for path in written:
+        typer.echo(str(path))
+    typer.echo(f"run: lm_eval --model kvcache --model_args pretrained={model},cache=full --tasks {out}",
+               err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
