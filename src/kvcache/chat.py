@@ -339,4 +339,6 @@ class Chat:
             self.cache.reset()
             self.messages, self._ids = [], []
             return
+        if now == seen:
+            return  # nothing was read (a refused turn): the history stands as it was
         self._ids = self._ids[:seen] + (feed + generated)[: now - seen]
