@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from kvcache import cli_options as opts
+from kvcache.chat_cli import chat_command
 from kvcache.cli_errors import guarded
 from kvcache.onnx.cli import app as onnx_app
 
@@ -16,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(onnx_app, name="onnx")
+app.command("chat")(guarded(chat_command))
 
 
 @app.callback()
