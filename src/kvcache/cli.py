@@ -93,7 +93,8 @@ def bench_command(
     specs: str = typer.Option("full,static,dynamic", "--specs",
                               help="Comma-separated cache specs; 'full' (the baseline) is always run."),
     tasks: str = typer.Option("passkey,needles,ppl,consistency", "--tasks",
-                              help="Of: passkey, needles, kv, ppl, consistency (+ speed: see --speed)."),
+                              help="Of: passkey, needles, kv, ppl, consistency, conversation "
+                                   "(+ speed: see --speed)."),
     speed: bool = typer.Option(True, "--speed/--no-speed",
                                help="Decode time and cache bytes against context (the speed plots)."),
     peers: str = typer.Option("hf,kvpress", "--peers",
