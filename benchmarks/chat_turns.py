@@ -69,7 +69,8 @@ def table(result: dict[str, Any]) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['turn']} | {r['history_tokens']:,} | {r['reuse_read']:,} | "
-                     f"{r['reread_read']:,} | {r['reuse_ms']:.0f} | {r['reread_ms']:.0f} | {r['ratio']:.2f}x |")
+                     f"{r['reread_read']:,} | {r['reuse_ms']:.0f} | {r['reread_ms']:.0f} | "
+                     f"{r['ratio']:.2f}x |")
     rows = result["rows"]
     first, last = rows[: len(rows) // 4 or 1], rows[-(len(rows) // 4 or 1):]
     lines.append("")
