@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from kvcache import cli_options as opts
+from kvcache.chat_cli import chat_command
 from kvcache.cli_errors import guarded
 from kvcache.onnx.cli import app as onnx_app
 
@@ -16,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(onnx_app, name="onnx")
+app.command("chat")(guarded(chat_command))
 
 
 @app.callback()
@@ -91,7 +93,8 @@ def bench_command(
     specs: str = typer.Option("full,static,dynamic", "--specs",
                               help="Comma-separated cache specs; 'full' (the baseline) is always run."),
     tasks: str = typer.Option("passkey,needles,ppl,consistency", "--tasks",
-                              help="Of: passkey, needles, kv, ppl, consistency (+ speed: see --speed)."),
+                              help="Of: passkey, needles, kv, ppl, consistency, conversation "
+                                   "(+ speed: see --speed)."),
     speed: bool = typer.Option(True, "--speed/--no-speed",
                                help="Decode time and cache bytes against context (the speed plots)."),
     peers: str = typer.Option("hf,kvpress", "--peers",

@@ -71,6 +71,7 @@ def decode(
     spec: CacheSpec,
     hooks: DecodeHooks | None = None,
     progress: bool | None = None,
+    start: torch.Tensor | None = None,
 ) -> GenerationResult:
     """Prefill the prompts in chunks, then decode one token per step until every row stops.
 
@@ -79,7 +80,8 @@ def decode(
     step:
         The runtime's forward (see :class:`StepFunction`).
     cache:
-        The runtime's cache (empty); the driver announces each forward's tokens to it.
+        The runtime's cache (empty, or holding the tokens ``start`` counts); the driver announces each
+        forward's tokens to it.
     input_ids, prompt_mask:
         ``(B, T)`` left-padded prompts and their mask (1 real, 0 padding), on the device the step expects.
     max_new_tokens:
@@ -98,6 +100,9 @@ def decode(
         Where a retention policy acts.
     progress:
         Show a progress bar on stderr; ``None`` shows it for long generations when stderr is a terminal.
+    start:
+        ``(B,)`` real tokens each row has already fed into ``cache`` (a conversation continued from an
+        earlier call): positions continue from them. ``None``: an empty cache.
 
     Returns
     -------
@@ -108,7 +113,8 @@ def decode(
     device = input_ids.device
     valid_prompt = prompt_mask.bool()
     check_prompt_fits(cache, spec, prompt_len)
-    row_seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row: next position
+    row_seen = (torch.zeros(batch, dtype=torch.long, device=device) if start is None  # real tokens per row:
+                else start.to(device=device, dtype=torch.long).clone())  # the next position
     peak = 0  # the most the cache held, measured after each forward (before a hook may evict)
 
     def forward(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -199,17 +199,19 @@ class TorchStep:
     batch:
         Rows per forward.
     max_columns:
-        Logical tokens the run may feed (prompt + new tokens): the mask is allocated once.
+        Logical tokens the run may feed (prompt + new tokens, plus ``start``): the mask is allocated once.
+    start:
+        Logical columns the cache already holds (a conversation continued from an earlier call; no padding).
     """
 
-    def __init__(self, model: Any, cache: KVCache, batch: int, max_columns: int) -> None:
+    def __init__(self, model: Any, cache: KVCache, batch: int, max_columns: int, start: int = 0) -> None:
         self.model = model
         self.cache = cache
         self.kwargs = _ForwardKwargs(model)
         device = next(model.parameters()).device
         capacity = max((c for c in (s.max_capacity for s in cache.stores) if c is not None), default=0)
         self.mask = torch.ones(batch, max(max_columns, capacity), dtype=torch.long, device=device)
-        self.seen = 0  # logical columns fed so far
+        self.seen = start  # logical columns fed so far
         self.capacity = capacity
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

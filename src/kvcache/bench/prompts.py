@@ -82,11 +82,13 @@ class BenchPrompts:
     consistency_new_tokens: int = 0
     speed: list[dict[str, Any]] = field(default_factory=list)
     speed_new_tokens: int = 0
+    conversation: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"retrieval": self.retrieval, "ppl": self.ppl, "ppl_prefix": self.ppl_prefix,
                 "consistency": self.consistency, "consistency_new_tokens": self.consistency_new_tokens,
-                "speed": self.speed, "speed_new_tokens": self.speed_new_tokens}
+                "speed": self.speed, "speed_new_tokens": self.speed_new_tokens,
+                "conversation": self.conversation}
 
 
 @dataclass(frozen=True)
@@ -107,13 +109,18 @@ class PromptSettings:
     consistency_new_tokens: int = 64
     speed_contexts: tuple[int, ...] = (256, 512, 1024, 2048)
     speed_new_tokens: int = 32
+    conversation_n: int = 20
+    conversation_turns: int = 6
+    conversation_turn_tokens: int = 96
+    conversation_reply_tokens: int = 8
 
     @classmethod
     def quick(cls) -> PromptSettings:
         return cls(passkey_contexts=(512,), passkey_n=10, needles_contexts=(512,), needles_n=10,
                    kv_contexts=(256,), kv_n=5, ppl_windows=2, ppl_window=256, ppl_prefix=128,
                    consistency_docs=3, consistency_prefix=192, consistency_new_tokens=24,
-                   speed_contexts=(256, 512), speed_new_tokens=8)
+                   speed_contexts=(256, 512), speed_new_tokens=8, conversation_n=4, conversation_turns=4,
+                   conversation_turn_tokens=64)
 
 
 #: bench task name -> tasks.py kind
@@ -133,7 +140,8 @@ def build_prompts(tokenizer: Any, settings: PromptSettings, tasks: Sequence[str]
     def fits(contexts: Sequence[int]) -> list[int]:
         return [c for c in contexts if max_positions is None or c <= max_positions]
 
-    filler = prose_filler(prose, tokenizer) if any(t in RETRIEVAL_KINDS for t in tasks) else None
+    needs_filler = any(t in RETRIEVAL_KINDS or t == "conversation" for t in tasks)
+    filler = prose_filler(prose, tokenizer) if needs_filler else None
     for task, kind in RETRIEVAL_KINDS.items():
         if task not in tasks or filler is None:
             continue
@@ -142,6 +150,12 @@ def build_prompts(tokenizer: Any, settings: PromptSettings, tasks: Sequence[str]
         out.retrieval[task] = [
             {"text": e.prompt, "ids": tokenizer(e.prompt)["input_ids"], "answer": e.answer,
              "context": e.context_tokens, "depth": e.depth, "seed": e.seed} for e in examples]
+    if "conversation" in tasks and filler is not None:
+        from kvcache.bench.conversation import conversation_examples
+
+        out.conversation = conversation_examples(filler, settings.conversation_n, settings.conversation_turns,
+                                                 settings.conversation_turn_tokens,
+                                                 example_seed("conversation", 0, 0))
     if "ppl" in tasks:
         stream: list[int] = []
         for d in prose:
@@ -171,6 +185,9 @@ def _text_prompt(tokenizer: Any, text: str) -> dict[str, Any]:
     return {"text": text, "ids": tokenizer(text)["input_ids"]}
 
 
+#: new tokens of each filler turn's reply in the conversation task
+CONVERSATION_REPLY_TOKENS = 8
+
 #: max new tokens of a retrieval answer (a 5-digit number is 5 tokens; EOS ends it earlier)
 ANSWER_TOKENS = 8
 
@@ -189,6 +206,10 @@ def build_jobs(prompts: BenchPrompts, tasks: Sequence[str], speed_repeats: int) 
         elif task == "speed":
             jobs[task] = {"task": task, "mode": "generate", "max_new_tokens": prompts.speed_new_tokens,
                           "repeats": speed_repeats, "ignore_eos": True, "prompts": prompts.speed}
+        elif task == "conversation":
+            jobs[task] = {"task": task, "mode": "conversation", "max_new_tokens": ANSWER_TOKENS,
+                          "filler_new_tokens": CONVERSATION_REPLY_TOKENS, "max_cache_len": 8192,
+                          "ignore_eos": False, "conversations": prompts.conversation}
         elif task == "ppl":
             jobs[task] = {"task": task, "mode": "stream", "windows": prompts.ppl,
                           "prefix": prompts.ppl_prefix}
@@ -198,4 +219,4 @@ def build_jobs(prompts: BenchPrompts, tasks: Sequence[str], speed_repeats: int) 
 
 
 #: every bench task, in report order
-TASKS: tuple[str, ...] = ("passkey", "needles", "kv", "ppl", "consistency", "speed")
+TASKS: tuple[str, ...] = ("passkey", "needles", "kv", "ppl", "consistency", "conversation", "speed")

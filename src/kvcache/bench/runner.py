@@ -100,6 +100,8 @@ class _Progress:
 
 
 def _items(job: dict[str, Any]) -> int:
+    if job["mode"] == "conversation":
+        return len(job["conversations"])
     return len(job["prompts"] if job["mode"] == "generate" else job["windows"])
 
 
@@ -159,6 +161,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         for info in press_infos:
             for task in cfg.tasks:
                 existing = out.read_json(_row_rel(info, task))
+                if existing is None and task == "conversation":
+                    existing = {"record": unavailable(info.label, task, CONVERSATION_ONLY)}
                 if existing is not None:
                     _finish(info, task, existing["record"], jobs, prompts, out, rows, tokenizer)
                     bars.done_row()
@@ -192,6 +196,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     return write_reports(out, meta, infos, ordered)
 
 
+#: why a peer has no conversation row
+CONVERSATION_ONLY = "the conversation task carries kvcache's cache across turns (kvcache.Chat); peers do not"
+
+
 def _row_rel(info: SystemInfo, task: str) -> str:
     return f"rows/{slug(info.label)}__{task}.json"
 
@@ -207,6 +215,13 @@ def _local_row(system: Any, task: str, jobs: dict[str, Any], prompts: Any, out: 
     bars.start_row(f"{info.label} {task}", _items(job))
     if info.reason:
         record = unavailable(info.label, task, info.reason)
+    elif task == "conversation":
+        if not hasattr(system, "converse"):
+            record = unavailable(info.label, task, CONVERSATION_ONLY)
+        else:
+            from kvcache.bench.conversation import run_conversation_job
+
+            record = run_conversation_job(job, info.label, system.converse, PeakRSS, advance=bars.tick)
     else:
         try:
             record = run_job(job, info.label, system.generate, system.stream, PeakRSS, advance=bars.tick)

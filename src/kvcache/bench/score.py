@@ -11,6 +11,7 @@ from kvcache.bench.metrics import answer_correct, perplexity, prefix_agreement, 
 SCORE_NAMES: dict[str, tuple[str, bool]] = {
     "passkey": ("accuracy", True), "needles": ("accuracy", True), "kv": ("accuracy", True),
     "ppl": ("perplexity", False), "consistency": ("rouge_l", True), "speed": ("decode_ms_per_token", False),
+    "conversation": ("accuracy", True),
 }
 
 
@@ -57,6 +58,11 @@ def score_record(record: dict[str, Any], job: dict[str, Any], tokenizer: Any,
                rss_delta_bytes=record["peak_rss_bytes"] - record["rss_before_bytes"], wall_s=record["wall_s"],
                versions=record.get("versions", {}))
     details: dict[str, Any] = {}
+    if job["mode"] == "conversation":
+        from kvcache.bench.conversation import score_conversation
+
+        row.update(score_conversation(outputs, job["conversations"], tokenizer))
+        return row
     if job["mode"] == "stream":
         nll = sum(o[0]["nll"] for o in outputs)
         tokens = sum(o[0]["tokens"] for o in outputs)

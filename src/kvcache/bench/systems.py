@@ -88,6 +88,14 @@ class KVCacheSystem:
                 "prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds, "decode_steps": s.decode_steps,
                 "cache_bytes": s.cache_bytes, "peak_cache_bytes": s.peak_cache_bytes}
 
+    def converse(self, conversation: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+        """One conversation turn by turn with the cache carried, and its history re-read
+        (:func:`kvcache.bench.conversation.converse`)."""
+        from kvcache.bench.conversation import converse
+
+        return converse(self.model, self.tokenizer, self.spec, conversation, job,
+                        _eos(job, self.tokenizer, self.model))
+
     def stream(self, window: list[int], prefix: int) -> dict[str, Any]:
         import kvcache
         from kvcache.cache import KVCache

@@ -33,7 +33,7 @@ import torch
 
 from kvcache.errors import KVCacheError
 
-__all__ = ["CacheLayer", "LayerCapabilities", "LayerWrapper", "MemoryUse", "new_positions"]
+__all__ = ["CacheLayer", "LayerCapabilities", "LayerWrapper", "MemoryUse", "new_positions", "state_entry"]
 
 #: dtype of the per-slot logical positions (half the bytes of int64; 2**31 tokens is out of reach)
 POSITION_DTYPE = torch.int32
@@ -97,6 +97,17 @@ def new_positions(start: int | torch.Tensor, length: int, valid: torch.Tensor | 
             )
         pos = pos.masked_fill(~valid.to(device=device, dtype=torch.bool)[:, None, :], -1)
     return pos
+
+
+def state_entry(state: dict[str, torch.Tensor], name: str, owner: str) -> torch.Tensor:
+    """``state[name]``, or a :class:`KVCacheError` naming the missing entry (a damaged or foreign state)."""
+    if name not in state:
+        raise KVCacheError(
+            f"the saved state of a {owner} has no '{name}' entry "
+            f"(entries: {', '.join(sorted(state)) or 'none'}); "
+            "the file is damaged or was written for another layout"
+        )
+    return state[name]
 
 
 class CacheLayer(ABC):
@@ -206,6 +217,34 @@ class CacheLayer(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Drop all content (keeps any preallocated buffer for reuse)."""
+
+    # ----- saving and restoring (conversation files, forks) ------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the store holds, as named tensors (copies): what :meth:`load_state` restores exactly.
+
+        Stores that cannot be saved keep this default, which refuses. Wrappers do not forward it: a wrapper
+        with state of its own must save it (and its inner store's) itself.
+
+        Raises
+        ------
+        KVCacheError
+            The store does not implement saving.
+        """
+        raise KVCacheError(
+            f"{type(self).__name__} does not support saving its state (state_tensors/load_state); "
+            "use a dynamic or static layout, with or without a retention policy, for a cache you save or fork"
+        )
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the store's content by a :meth:`state_tensors` result (tensors on any device).
+
+        Raises
+        ------
+        KVCacheError
+            The store does not implement saving, or ``state`` does not fit it (entries missing, shapes).
+        """
+        self.state_tensors()  # refuses the same way for stores without the API
+        raise KVCacheError(f"{type(self).__name__} implements state_tensors() but not load_state()")
 
     # ----- placement hooks (no-ops for resident stores) ---------------------------------------------------
     def prefetch(self) -> None:  # noqa: B027 (a no-op by design, overridden by placement wrappers)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 
 from kvcache.errors import CacheCapacityError, KVCacheError
-from kvcache.layers.base import POSITION_DTYPE, CacheLayer, LayerCapabilities, MemoryUse, new_positions
+from kvcache.layers.base import (
+    POSITION_DTYPE,
+    CacheLayer,
+    LayerCapabilities,
+    MemoryUse,
+    new_positions,
+    state_entry,
+)
 
 __all__ = ["DynamicLayer", "StaticLayer"]
 
@@ -197,6 +204,25 @@ class DynamicLayer(CacheLayer):
         self._length = 0
         self.seen = 0
         self.slots_remapped = False
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """``seen``, ``remapped`` and, when not empty, the held ``keys``/``values`` ``(B, H_kv, T, D)`` and
+        ``positions`` ``(B, H_kv, T)``."""
+        state = {"seen": torch.tensor(self.seen), "remapped": torch.tensor(self.slots_remapped)}
+        kv, pos = self.keys_values(), self.positions
+        if kv is not None and pos is not None:
+            state.update(keys=kv[0].clone(), values=kv[1].clone(), positions=pos.clone())
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.reset()
+        seen, remapped = _state_counts(state, "DynamicLayer")
+        if "keys" in state:
+            keys, values, pos = _state_kv(state, "DynamicLayer", seen)
+            self._keys, self._values, self._pos = keys.clone(), values.clone(), pos.clone()
+            self._length = keys.shape[2]
+        self.seen = seen
+        self.slots_remapped = remapped
 
 
 class StaticLayer(CacheLayer):
@@ -413,6 +439,60 @@ class StaticLayer(CacheLayer):
         self._write_pos.zero_()
         self._pos.fill_(-1)
         self.slots_remapped = False
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """``capacity``, ``seen``, ``remapped`` and the held ``keys``/``values`` ``(B, H_kv, T, D)`` and
+        ``positions`` ``(B, H_kv, T)`` (the held slots are always the first ``T``)."""
+        held = self._held()
+        return {"capacity": torch.tensor(self.capacity), "seen": torch.tensor(self.seen),
+                "remapped": torch.tensor(self.slots_remapped), "keys": self._keys[:, :, :held].clone(),
+                "values": self._values[:, :, :held].clone(), "positions": self._pos[:, :, :held].clone()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        capacity = int(state_entry(state, "capacity", "StaticLayer"))
+        if capacity != self.capacity:
+            raise KVCacheError(
+                f"the saved static layer has capacity {capacity}, this cache {self.capacity}; "
+                f"load it into a cache built with static:capacity={capacity}"
+            )
+        seen, remapped = _state_counts(state, "StaticLayer")
+        keys, values, pos = _state_kv(state, "StaticLayer", seen)
+        held = keys.shape[2]
+        b, h, _, dk = keys.shape
+        self._allocate(b, h, dk, values.shape[3], keys.dtype, self._keys.device)
+        self._keys[:, :, :held].copy_(keys)
+        self._values[:, :, :held].copy_(values)
+        self._pos[:, :, :held].copy_(pos)
+        self._length = held
+        self._write_pos.fill_(held)
+        self._evicted = seen - held
+        self.slots_remapped = remapped
+
+
+def _state_counts(state: dict[str, torch.Tensor], owner: str) -> tuple[int, bool]:
+    """``seen`` and ``remapped`` of a saved layer state."""
+    seen = state_entry(state, "seen", owner)
+    remapped = state_entry(state, "remapped", owner)
+    if seen.numel() != 1 or remapped.numel() != 1 or int(seen) < 0:
+        raise KVCacheError(f"the saved {owner} state has a malformed 'seen' or 'remapped' entry")
+    return int(seen), bool(remapped)
+
+
+def _state_kv(state: dict[str, torch.Tensor], owner: str,
+              seen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The saved ``keys``, ``values`` and ``positions`` of a layer, checked against each other."""
+    keys, values = state_entry(state, "keys", owner), state_entry(state, "values", owner)
+    pos = state_entry(state, "positions", owner)
+    if (keys.dim() != 4 or values.dim() != 4 or keys.shape[:3] != values.shape[:3]
+            or tuple(pos.shape) != tuple(keys.shape[:3]) or keys.dtype != values.dtype):
+        raise KVCacheError(
+            f"the saved {owner} state holds keys {tuple(keys.shape)}, values {tuple(values.shape)} and "
+            f"positions {tuple(pos.shape)}, which do not fit together ((B, H_kv, T, D) and (B, H_kv, T))"
+        )
+    if keys.shape[2] > seen:
+        raise KVCacheError(
+            f"the saved {owner} state holds {keys.shape[2]} slots but has seen only {seen} tokens")
+    return keys, values, pos.to(POSITION_DTYPE)
 
 
 def _sorted_slots(indices: torch.Tensor, invalid: torch.Tensor | None,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvcache.errors import KVCacheError
 from kvcache.layers.base import CacheLayer, LayerWrapper
 
 if TYPE_CHECKING:
@@ -86,6 +87,33 @@ class PolicyLayer(LayerWrapper):
         self.inner.reset()
         self.scores = self.budget = None
         self.pruned = False
+
+    # ----- saving and restoring ---------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The inner store's state (``inner.*``), ``pruned`` and, when set, ``scores`` and ``budget``."""
+        state = {f"inner.{k}": v for k, v in self.inner.state_tensors().items()}
+        state["pruned"] = torch.tensor(self.pruned)
+        if self.scores is not None:
+            state["scores"] = self.scores.clone()
+        if self.budget is not None:
+            state["budget"] = self.budget.clone()
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state({k[len("inner."):]: v for k, v in state.items() if k.startswith("inner.")})
+        device = self.inner.device
+        scores, budget = state.get("scores"), state.get("budget")
+        held = self.inner.physical_length
+        if held and (scores is None or tuple(scores.shape) != (self.inner.batch_size,
+                                                                self.held_positions().shape[1], held)):
+            shape = None if scores is None else tuple(scores.shape)
+            raise KVCacheError(
+                f"the saved policy scores {shape} do not match the {held} slots the layer holds; "
+                "the file is damaged or was written for another policy"
+            )
+        self.scores = None if scores is None or not held else scores.to(device, torch.float32).clone()
+        self.budget = None if budget is None else budget.to(device, torch.long).clone()
+        self.pruned = bool(state.get("pruned", torch.tensor(False)))
 
     # ----- what policies read and write ----------------------------------------------------------------
     def held_positions(self) -> torch.Tensor:

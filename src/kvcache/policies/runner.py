@@ -74,7 +74,14 @@ class PolicyRunner:
               seed: int | None = None, prefill_chunks: int | None = None) -> None:
         """A new generation: ``(B,)`` real prompt tokens per row (budgets known before the prompt streams in),
         its length (Keyformer's temperature schedule), the seed of stochastic scores, and how many forwards
-        the prefill takes (so the prompt selection can run layer by layer inside the last one)."""
+        the prefill takes (so the prompt selection can run layer by layer inside the last one).
+
+        On a cache that already holds tokens (a conversation's next turn), ``prompt_lengths`` counts every
+        token seen so far plus the new ones: each layer's budget is fixed again from it and the prompt
+        selection runs again at the end of this prefill."""
+        for layer in self.layers:
+            layer.budget = None
+            layer.pruned = False
         self.phase = "prefill"
         self.decode_step = 0
         self._prefill_chunks = prefill_chunks
