@@ -17,7 +17,8 @@ from kvcache.models.tiny_tokenizer import TINY_VOCAB_SIZE, tiny_tokenizer
 from kvcache.persist import cache_state
 
 SPECS = ["dynamic", "static:capacity=256", "h2o:budget=0.5", "keyformer:budget=0.5+static:capacity=256",
-         "streaming:tokens=20"]
+         "streaming:tokens=20", "int4:group=4,residual=4", "h2o:budget=0.5+int2:group=4,residual=4",
+         "int8:group=4,residual=4+static:capacity=256"]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,11 @@ def test_a_store_without_the_state_api_is_refused(model, tokenizer, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(KVCacheError, match="does not support saving"):
         c.fork()
+
+
+def test_a_quantized_cache_is_saved_in_its_packed_form(model, tokenizer, tmp_path):
+    dense = chat(model, tokenizer).save(tmp_path / "dense.safetensors")
+    packed = chat(model, tokenizer, "int2:group=4,residual=4").save(tmp_path / "int2.safetensors")
+    state = cache_state(Chat.load(packed, model, tokenizer).cache)
+    assert any(t.dtype == torch.uint8 for t in state.values())
+    assert packed.stat().st_size < 0.75 * dense.stat().st_size  # group=4: scales weigh a lot here

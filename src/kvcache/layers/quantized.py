@@ -30,7 +30,14 @@ import torch
 
 from kvcache.errors import CacheCapacityError, KVCacheError
 from kvcache.layers import quantize_ops as ops
-from kvcache.layers.base import POSITION_DTYPE, CacheLayer, LayerCapabilities, MemoryUse, new_positions
+from kvcache.layers.base import (
+    POSITION_DTYPE,
+    CacheLayer,
+    LayerCapabilities,
+    MemoryUse,
+    new_positions,
+    state_entry,
+)
 from kvcache.layers.dense import _marked, _sorted_slots
 
 __all__ = ["QuantizedLayer", "quantized_bytes"]
@@ -384,6 +391,53 @@ class QuantizedLayer(CacheLayer):
             self._q_len, self._r_len = length, 0
         self.seen = length
         self._positions = None
+
+    # ----- saving ---------------------------------------------------------------------------------------
+    _REGIONS = {"_r_keys": "window_keys", "_r_values": "window_values", "_r_pos": "window_positions",
+                "_q_keys": "codes_keys", "_q_values": "codes_values", "_v_scale": "value_scale",
+                "_v_zero": "value_zero", "_q_pos": "quantized_positions", "_groups": "key_group_of_slot",
+                "_k_scale": "key_scale", "_k_zero": "key_zero"}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The packed form: codes, scales, positions and the window as held, with the layer's settings and
+        counts (``bits``, ``group``, ``residual``, ``capacity`` (-1: none), ``seen``, ``remapped``)."""
+        state = {"bits": torch.tensor(self.bits), "group": torch.tensor(self.group),
+                 "residual": torch.tensor(self.residual), "capacity": torch.tensor(self.capacity or -1),
+                 "seen": torch.tensor(self.seen), "remapped": torch.tensor(self.slots_remapped)}
+        for attr, name in self._REGIONS.items():
+            t = getattr(self, attr)
+            if t is not None:
+                used = self._n_groups if attr in ("_k_scale", "_k_zero") else (
+                    self._r_len if attr.startswith("_r") else self._q_len)
+                state[name] = t[:, :, :used].clone()
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, mine in (("bits", self.bits), ("group", self.group), ("residual", self.residual),
+                           ("capacity", self.capacity or -1)):
+            saved = int(state_entry(state, name, "QuantizedLayer"))
+            if saved != mine:
+                raise KVCacheError(f"the saved quantized layer has {name}={saved}, this cache {name}={mine}; "
+                                   "load it into a cache built with the spec it was saved with")
+        self.reset()
+        seen, remapped = int(state_entry(state, "seen", "QuantizedLayer")), bool(
+            state_entry(state, "remapped", "QuantizedLayer"))
+        for attr, name in self._REGIONS.items():
+            if name in state:
+                setattr(self, attr, state[name].clone())
+        if self._r_keys is None or self._r_values is None or self._r_pos is None:
+            if seen:
+                state_entry(state, "window_keys", "QuantizedLayer")  # raises: a non-empty layer needs it
+            return
+        self._r_len = self._r_keys.shape[2]
+        self._q_len = 0 if self._q_keys is None else self._q_keys.shape[2]
+        self._n_groups = 0 if self._k_scale is None else self._k_scale.shape[2]
+        shapes_fit = (self._r_values.shape[:3] == self._r_keys.shape[:3] == (*self._r_pos.shape,)
+                      and (self._q_keys is None or (self._q_pos is not None
+                                                    and self._q_keys.shape[:3] == self._q_pos.shape)))
+        if not shapes_fit or self.physical_length > seen:
+            raise KVCacheError("the saved quantized layer's tensors do not fit together; the file is damaged")
+        self.seen, self.slots_remapped = seen, remapped
 
     def memory(self) -> MemoryUse:
         tensors = (self._r_keys, self._r_values, self._r_pos, self._q_keys, self._q_values, self._v_scale,
