@@ -17,11 +17,12 @@ import torch
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.base import POSITION_DTYPE, CacheLayer, MemoryUse
 from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.layers.offloaded import build_offloaded, host_shape, offloaded_bytes
 from kvcache.spec import CacheSpec, SpecPart
 
 __all__ = [
-    "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "WRAPPERS", "WRAPPER_BYTES", "build_store", "dense_bytes",
-    "estimate_store",
+    "INNER_SHAPES", "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "WRAPPERS", "WRAPPER_BYTES", "build_store",
+    "dense_bytes", "estimate_store",
 ]
 
 
@@ -39,6 +40,8 @@ class LayerShape:
         Prompt + new tokens, the capacity of a ``static`` layout given without ``capacity=N``.
     device, dtype:
         Of preallocated buffers.
+    pin_memory:
+        Host buffers page-locked (the inner store of an offloaded layer on an accelerator).
     """
 
     num_kv_heads: int
@@ -47,6 +50,7 @@ class LayerShape:
     max_cache_len: int | None = None
     device: torch.device | str | None = None
     dtype: torch.dtype = torch.float32
+    pin_memory: bool = False
 
 
 LayoutBuilder = Callable[[Mapping[str, Any], LayerShape], CacheLayer]
@@ -58,7 +62,7 @@ WrapperBytes = Callable[[MemoryUse, int, Mapping[str, Any], LayerShape], MemoryU
 
 
 def _dynamic(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
-    return DynamicLayer()
+    return DynamicLayer(pin_memory=shape.pin_memory)
 
 
 def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
@@ -69,7 +73,7 @@ def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
             "(prompt length + new tokens)"
         )
     return StaticLayer(capacity, shape.batch_size, shape.num_kv_heads, shape.head_dim, shape.dtype,
-                       shape.device)
+                       shape.device, pin_memory=shape.pin_memory)
 
 
 def _static_slots(params: Mapping[str, Any], shape: LayerShape, tokens: int) -> int:
@@ -82,9 +86,11 @@ LAYOUTS: dict[str, LayoutBuilder] = {"dynamic": _dynamic, "static": _static}
 LAYOUT_SLOTS: dict[str, LayoutSlots] = {"dynamic": lambda params, shape, tokens: tokens,
                                         "static": _static_slots}
 #: precision/placement name -> builder that wraps (or replaces) the layout's store; applied in kind order
-WRAPPERS: dict[str, WrapperBuilder] = {}
+WRAPPERS: dict[str, WrapperBuilder] = {"offload": build_offloaded}
 #: precision/placement name -> how it changes the bytes of the store it wraps (same order as WRAPPERS)
-WRAPPER_BYTES: dict[str, WrapperBytes] = {}
+WRAPPER_BYTES: dict[str, WrapperBytes] = {"offload": offloaded_bytes}
+#: placement name -> the shape the layout and precision under it are built with (offload: on the host)
+INNER_SHAPES: dict[str, Callable[[LayerShape], LayerShape]] = {"offload": host_shape}
 _WRAP_ORDER = ("precision", "placement")
 
 
@@ -105,11 +111,14 @@ def build_store(spec: CacheSpec, shape: LayerShape) -> CacheLayer:
             f"layouts built: {', '.join(LAYOUTS)}"
             + (f"; wrappers built: {', '.join(WRAPPERS)}" if WRAPPERS else "")
         )
-    store = LAYOUTS[spec.layout.name](spec.layout.params, shape)
+    placement = spec.placement
+    inner = INNER_SHAPES[placement.name](shape) if placement is not None and placement.name in INNER_SHAPES \
+        else shape
+    store = LAYOUTS[spec.layout.name](spec.layout.params, inner)
     for kind in _WRAP_ORDER:
         part = getattr(spec, kind)
         if part is not None:
-            store = WRAPPERS[part.name](store, part.params, shape)
+            store = WRAPPERS[part.name](store, part.params, shape if kind == "placement" else inner)
     return store
 
 
