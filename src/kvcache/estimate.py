@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvcache.errors import KVCacheError
 from kvcache.layers.base import MemoryUse
 from kvcache.layers.offloaded import is_accelerator
 from kvcache.layers.registry import LayerShape, dense_bytes, estimate_store
@@ -35,18 +36,18 @@ def parse_size(text: str | int) -> int:
 
     Raises
     ------
-    ValueError
+    KVCacheError
         For text that is not a non-negative number with one of those units.
     """
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
-            raise ValueError(f"a memory size cannot be negative, got {text}")
+            raise KVCacheError(f"a memory size cannot be negative, got {text}")
         return text
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a memory size; write a number of bytes or a number with a "
-                         "unit, e.g. 512MiB, 2GiB, 1.5GB")
+        raise KVCacheError(f"cannot read {text!r} as a memory size; write a number of bytes or a number with "
+                         "a unit, e.g. 512MiB, 2GiB, 1.5GB")
     return int(float(match.group(1)) * _UNITS[unit])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 __all__ = ["GenerationResult", "GenerationStats"]
 
@@ -62,7 +63,9 @@ class GenerationResult:
     ``token_ids`` are the new tokens only (an end-of-sequence token that ended a row is included, and so
     is the token that completed a stop string); ``texts`` are their decoded text without special tokens,
     cut before the stop string. ``finish_reasons`` are ``"eos"``, ``"stop"``, ``"length"`` or
-    ``"capacity"``. ``cache`` is the canonical spec of the cache used.
+    ``"capacity"``. ``cache`` is the canonical spec of the cache used. ``attempts`` lists the specs of a
+    fallback chain tried before it, each ``{"spec", "reason", "predicted_bytes"}`` (out of memory, or
+    predicted over ``max_cache_memory``); empty when the first spec ran.
     """
 
     texts: list[str]
@@ -70,3 +73,4 @@ class GenerationResult:
     finish_reasons: list[str]
     stats: GenerationStats
     cache: str = field(default="dynamic")
+    attempts: list[dict[str, Any]] = field(default_factory=list)
