@@ -172,3 +172,59 @@ def test_static_layer_fault_injection_also_falls_back(model, tokenizer, monkeypa
     got = generate(model, tokenizer, PROMPTS, cache="static", fallback=["dynamic"], max_new_tokens=NEW)
     monkeypatch.setattr(StaticLayer, "update", update)
     assert got.cache == "dynamic" and got.attempts[0]["spec"] == "static"
+
+
+# ----- the command line -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_fallback_and_max_cache_memory(model, tokenizer, model_dir, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kvcache.cli import app
+
+    runner = CliRunner()
+    base = ["generate", "Once upon", "--model", model_dir, "-n", str(NEW), "--json"]
+    direct = generate(model, tokenizer, "Once upon", cache="static+offload", max_new_tokens=NEW)
+    fail_dynamic_after(monkeypatch, 0, torch.OutOfMemoryError("CUDA out of memory"))
+    out = runner.invoke(app, [*base, "--cache", "h2o:budget=0.5", "--fallback", "static+offload"])
+    assert out.exit_code == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["cache"] == "static+offload" and got["text"] == direct.texts[0]
+    assert got["attempts"][0]["spec"] == "h2o:budget=0.5" and "out of memory" in got["attempts"][0]["reason"]
+    plain = runner.invoke(app, base[:-1] + ["--fallback", "static"])
+    assert plain.exit_code == 0 and "ran after: dynamic: OutOfMemoryError" in plain.stderr
+    monkeypatch.undo()
+    # the limit skips the full-length spec (prompt + NEW tokens) for the policy-bounded one
+    prompt_len = len(tokenizer("Once upon")["input_ids"])
+    limit = (hand_bytes(model, prompt_len + NEW, 1) + hand_bytes(model, prompt_len, 1)) // 2
+    out = runner.invoke(app, [*base, "--fallback", "h2o:budget=0.25", "--max-cache-memory", str(limit)])
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout)["cache"] == "h2o:budget=0.25"
+    bad = runner.invoke(app, [*base, "--max-cache-memory", "lots"])
+    assert bad.exit_code == 2 and "memory size" in bad.stderr
+
+
+def test_cli_info_estimate_uses_the_one_estimator(model, model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kvcache.cli import app
+
+    out = CliRunner().invoke(app, ["info", "--estimate", "--json", "--model", model_dir, "--prompt-tokens",
+                                   "100", "--new-tokens", "28", "-c", "dynamic", "-c", "static+offload"])
+    assert out.exit_code == 0, out.stderr
+    rows = json.loads(out.stdout)["estimates"]
+    assert [r["spec"] for r in rows] == ["dynamic", "static+offload"]
+    assert rows[0]["total_bytes"] == rows[1]["host_bytes"] == hand_bytes(model, 128, 1)
+    assert rows[0]["host_bytes"] == rows[1]["device_bytes"] == 0
+    table = CliRunner().invoke(app, ["info", "--estimate", "--model", model_dir, "--prompt-tokens", "100"])
+    assert table.exit_code == 0 and "static" in table.stdout and "h2o:budget=0.25" in table.stdout

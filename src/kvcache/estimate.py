@@ -138,3 +138,43 @@ def first_fitting(estimates: Sequence[CacheEstimate], limit: int,
             return i
     return None
 
+
+
+#: what ``kvcache info --estimate`` predicts when no ``--cache`` is given
+DEFAULT_ESTIMATE_SPECS: tuple[str, ...] = ("dynamic", "static", "h2o:budget=0.25", "offload")
+
+
+def estimate_for_model(model: str, specs: Sequence[str], *, batch: int, prompt_len: int,
+                       max_new_tokens: int) -> dict[str, Any]:
+    """What ``kvcache info --estimate`` prints: each spec's predicted cache for a model (by name or path, as
+    :func:`kvcache.models.load` takes it, in its own dtype) and a prompt/generation size."""
+    from kvcache.models import load
+
+    lm, _ = load(model)
+    dtype = next(lm.parameters()).dtype
+    parsed = [CacheSpec.parse(s) for s in specs]
+    for spec in parsed:
+        spec.require_available()
+    estimates = estimate_chain(lm.config, parsed, batch=batch, prompt_len=prompt_len,
+                               max_new_tokens=max_new_tokens, dtype=dtype)
+    return {"model": model, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+            "prompt_tokens": prompt_len, "new_tokens": max_new_tokens,
+            "estimates": [e.to_dict() for e in estimates]}
+
+
+def print_estimates(data: dict[str, Any], console: Any | None = None) -> None:
+    """Print :func:`estimate_for_model`'s result as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvcache.resources import human_bytes
+
+    title = (f"predicted KV cache: {data['model']} ({data['dtype']}), batch {data['batch']}, "
+             f"{data['prompt_tokens']} prompt + {data['new_tokens']} new tokens")
+    table = Table(title=title, title_justify="left")
+    for name in ("spec", "tokens held", "device", "host", "total"):
+        table.add_column(name, justify="left" if name == "spec" else "right", no_wrap=True)
+    for e in data["estimates"]:
+        table.add_row(e["spec"], str(e["tokens"]), *(human_bytes(e[k]) for k in ("device_bytes", "host_bytes",
+                                                                                   "total_bytes")))
+    (console or Console()).print(table)
