@@ -174,6 +174,8 @@ class OffloadedLayer(LayerWrapper):
         mover = self._mover
         if mover is None or self._pending is not None or self._view is not None:
             return
+        if not self.inner.capabilities.appends_in_order:
+            return  # its update may rewrite held slots: the whole store is copied after it, nothing to join
         kv = self.inner.keys_values()
         if kv is not None:
             self._pending = mover.fetch(kv)
