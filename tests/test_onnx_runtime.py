@@ -236,7 +236,8 @@ def test_cli_generate_json_matches_kvcache_generate(llama, tokenizer):
     assert data["text"] == ref.texts[0]
     assert data["finish_reason"] == ref.finish_reasons[0] and data["cache"] == "static"
     assert data["stats"]["new_tokens"] == len(ref.token_ids[0])
-    assert set(data) == {"text", "stats", "finish_reason", "cache"}  # the shape `kvcache generate --json` has
+    # the shape `kvcache generate --json` has
+    assert set(data) == {"text", "stats", "finish_reason", "cache", "attempts"}
 
 
 def test_cli_generate_text_and_errors(llama, tmp_path):

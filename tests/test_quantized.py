@@ -97,7 +97,8 @@ def test_model_generate_greedy_sampling_and_beam_search(llama, tokenizer) -> Non
 
 
 @pytest.mark.parametrize("spec", ["keyformer:budget=0.5+int4", "h2o:budget=0.25+int4", "int8+static",
-                                  "snapkv:budget=0.5+int2+static", "streaming:budget=0.5+int8"])
+                                  "snapkv:budget=0.5+int2+static", "streaming:budget=0.5+int8",
+                                  "h2o:budget=0.25+int4+offload"])
 def test_compositions_run_end_to_end(llama, tokenizer, spec: str) -> None:
     for bits in ("int2", "int4", "int8"):
         spec = spec.replace(bits, f"{bits}:{SMALL}")

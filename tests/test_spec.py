@@ -42,7 +42,7 @@ GRAMMAR: dict[str, tuple[str, dict[str, object]]] = {
     "diffsnap": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "observe": 16}),
 }
 BUILT = {"dynamic", "static", "quantized", "full", "keyformer", "h2o", "streaming", "snapkv", "tova", "knorm",
-         "keydiff", "diffsnap"}
+         "keydiff", "diffsnap", "offload"}
 TESTED_ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox"]
 ALL_WORDS = set(GRAMMAR) | {"int2", "int4", "int8", "offloaded", "offloaded_static"}
 
@@ -170,9 +170,10 @@ def test_availability(monkeypatch) -> None:
     assert spec.unavailable() == ["quantized"]
     with pytest.raises(UnsupportedSpecError) as exc:
         spec.require_available()
-    msg = "'quantized' is not available yet in this version; available: dynamic, static, full, keyformer"
+    msg = "'quantized' is not available yet in this version; available: dynamic, static, offload, full"
     assert msg in str(exc.value)
     assert isinstance(exc.value, ValueError)
+    assert CacheSpec.parse("h2o+int4+offload").unavailable() == ["quantized"]
 
 
 # ----- error messages -----------------------------------------------------------------------------------

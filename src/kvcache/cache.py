@@ -304,10 +304,11 @@ class KVCache(Cache):
         store = stores[layer_idx]
         store.prefetch()
         out = store.update(key_states, value_states, self._valid)
-        if layer_idx + 1 < len(stores):
-            stores[layer_idx + 1].prefetch()
+        # Release before prefetching: at most two layers (this one, the next) have device copies at a time.
         if layer_idx > 0:
             stores[layer_idx - 1].release()
+        if layer_idx + 1 < len(stores):
+            stores[layer_idx + 1].prefetch()
         self._last_updated = layer_idx
         if self.needs_attention_report(layer_idx):
             self._awaiting = layer_idx
@@ -426,6 +427,10 @@ class KVCache(Cache):
     def nbytes(self) -> int:
         """Bytes of K/V memory all layers hold now (allocated, preallocated slack included)."""
         return self.memory().total
+
+    def notes(self) -> list[str]:
+        """The stores' remarks on how they run here (:meth:`CacheLayer.notes`), each once, in layer order."""
+        return list(dict.fromkeys(note for store in self.stores for note in store.notes()))
 
     def reset(self) -> None:
         """Drop every layer's content and any forward in flight."""

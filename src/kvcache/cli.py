@@ -35,12 +35,33 @@ def main_options(
 @guarded
 def info(
     json_output: bool = typer.Option(False, "--json", help="Print one machine-readable JSON object."),
+    estimate: bool = typer.Option(False, "--estimate",
+                                  help="Predict the cache memory of specs for a model and prompt instead."),
+    model: str = typer.Option("default", "--model", "-m", help="With --estimate: the model (its config)."),
+    specs: list[str] | None = typer.Option(None, "--cache", "-c",
+                                           help="With --estimate: a spec to predict (repeatable)."),
+    prompt_tokens: int = typer.Option(1024, "--prompt-tokens", min=1, help="With --estimate: prompt length."),
+    new_tokens: int = typer.Option(256, "--new-tokens", min=1, help="With --estimate: tokens generated."),
+    batch: int = typer.Option(1, "--batch", min=1, help="With --estimate: rows per batch."),
 ) -> None:
     """Show cache layouts, precisions, placements and policies (parameters, defaults, availability)."""
     import json
 
     from kvcache.support import info_dict, print_info
 
+    if estimate:
+        from transformers.utils import logging as transformers_logging
+
+        from kvcache.estimate import DEFAULT_ESTIMATE_SPECS, estimate_for_model, print_estimates
+
+        transformers_logging.disable_progress_bar()
+        data = estimate_for_model(model, specs or list(DEFAULT_ESTIMATE_SPECS), batch=batch,
+                                  prompt_len=prompt_tokens, max_new_tokens=new_tokens)
+        if json_output:
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            print_estimates(data)
+        return
     if json_output:
         typer.echo(json.dumps(info_dict(), indent=2))
     else:
@@ -64,6 +85,8 @@ def generate_command(
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: model's)."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress",
                                          help="Progress bar on stderr (default: long runs in a terminal)."),
+    fallback: opts.FallbackOption = None,
+    max_cache_memory: opts.MaxCacheMemoryOption = None,
     json_output: opts.JsonOption = False,
 ) -> None:
     """Generate a continuation of PROMPT: text to stdout, one line of stats to stderr."""
@@ -76,10 +99,11 @@ def generate_command(
     transformers_logging.disable_progress_bar()
     # Everything the options can tell is checked before the (slow) model load so a typo fails at once.
     spec = opts.check_generation_options(prompt, cache, temperature, top_k, top_p)
+    fallback_specs, limit = opts.check_fallback_options(fallback, max_cache_memory)
     lm, tokenizer = load(model, device=device, dtype=dtype)
     result = generate(lm, tokenizer, prompt, cache=spec, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop or None,
-                      progress=progress)
+                      progress=progress, fallback=fallback_specs, max_cache_memory=limit)
     opts.print_result(result, json_output)
 
 

@@ -177,7 +177,8 @@ def decode(
         rows.finish_all("length")
         end = time.perf_counter()
     return rows.result(spec=spec, prompt_mask=prompt_mask, times=(start, prefill_end, end),
-                       decode_steps=steps, cache_bytes=cache.nbytes(), peak_cache_bytes=peak)
+                       decode_steps=steps, cache_bytes=cache.nbytes(), peak_cache_bytes=peak,
+                       notes=cache.notes())
 
 
 class Rows:
@@ -223,7 +224,8 @@ class Rows:
                 self.finish[row] = reason
 
     def result(self, *, spec: CacheSpec, prompt_mask: torch.Tensor, times: tuple[float, float, float],
-               decode_steps: int, cache_bytes: int, peak_cache_bytes: int) -> GenerationResult:
+               decode_steps: int, cache_bytes: int, peak_cache_bytes: int,
+               notes: list[str] | None = None) -> GenerationResult:
         """The :class:`GenerationResult` of the finished loop.
 
         Parameters
@@ -236,6 +238,8 @@ class Rows:
             ``perf_counter`` values at the start, at the end of the prefill and at the end.
         decode_steps, cache_bytes, peak_cache_bytes:
             Decode steps run, cache size at the end, largest cache size seen.
+        notes:
+            The cache's remarks on how it ran (:meth:`KVCache.notes`).
         """
         reasons = [f or "length" for f in self.finish]
         batch = len(self.generated)
@@ -255,6 +259,7 @@ class Rows:
             decode_steps=decode_steps,
             cache_bytes=cache_bytes,
             peak_cache_bytes=peak_cache_bytes,
+            notes=list(notes or []),
         )
         texts = [self.checker.text(g, r) for g, r in zip(self.generated, reasons, strict=True)]
         return GenerationResult(texts=texts, token_ids=self.generated, finish_reasons=reasons, stats=stats,

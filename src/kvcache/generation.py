@@ -23,6 +23,8 @@ from kvcache import compat, validate
 from kvcache.attention import enable
 from kvcache.cache import CACHE_KWARG, KVCache
 from kvcache.decoding import PROGRESS_MIN_TOKENS, decode
+from kvcache.estimate import CacheEstimate, estimate_cache, parse_size
+from kvcache.fallback import run_chain
 from kvcache.hooks import DecodeHooks, chain
 from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
 from kvcache.resources import check_fits
@@ -51,6 +53,8 @@ def generate(
     prefill_chunk_size: int = 512,
     progress: bool | None = None,
     hooks: DecodeHooks | None = None,
+    fallback: Sequence[str | CacheSpec] | None = None,
+    max_cache_memory: int | str | None = None,
 ) -> GenerationResult:
     """Generate a continuation for each prompt with a cache built from ``cache``.
 
@@ -85,30 +89,57 @@ def generate(
     hooks:
         Called between forwards (after each prefill chunk, at the end of the prefill, after each decode
         step) with the cache: where retention policies act.
+    fallback:
+        Cache specs to try in order when the previous one runs out of memory (``torch.OutOfMemoryError``, a
+        ``RuntimeError`` saying out of memory, ``MemoryError``, or a cache predicted larger than the free
+        memory): the failed attempt's memory is freed first. See :mod:`kvcache.fallback`.
+    max_cache_memory:
+        Largest cache allowed on the compute device, in bytes or as text (``"512MiB"``, ``"2GiB"``,
+        ``"1.5GB"``): specs of ``cache`` + ``fallback`` predicted over it
+        (:func:`kvcache.estimate.estimate_cache`) are skipped before anything is allocated.
 
     Returns
     -------
     GenerationResult
+        ``cache`` names the spec that ran, ``attempts`` the ones before it and why they did not.
 
     Raises
     ------
     CacheCapacityError
         When a fixed-capacity cache cannot hold even the (left-padded) prompt.
+    CacheMemoryError
+        When ``max_cache_memory`` is given and no spec of the chain is predicted to fit.
     ValueError
         For invalid arguments (empty prompt list, ``max_new_tokens < 1``, bad sampling settings, ...).
     """
     validate.check_model(model, tokenizer)
     prompt_list = check_arguments(prompts, max_new_tokens, prefill_chunk_size)
-    spec = CacheSpec.parse(cache)
+    chain = [CacheSpec.parse(s) for s in (cache, *(fallback or ()))]
+    for spec in chain:
+        spec.require_available()
+    limit = None if max_cache_memory is None else parse_size(max_cache_memory)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
     eos, pad_id = special_tokens(eos_token_id, tokenizer, getattr(model, "generation_config", None),
                                  model.config)
     checker = StopChecker(tokenizer, eos, stop_strings(stop))
 
     input_ids, attention_mask = left_pad(tokenizer, prompt_list, model.get_input_embeddings().num_embeddings)
-    return _generate_ids(model, input_ids, attention_mask, spec=spec, max_new_tokens=max_new_tokens,
-                         sampler=sampler, checker=checker, pad_id=pad_id, seed=seed,
-                         prefill_chunk_size=prefill_chunk_size, hooks=hooks, progress=progress)
+
+    def run(spec: CacheSpec) -> GenerationResult:
+        return _generate_ids(model, input_ids, attention_mask, spec=spec, max_new_tokens=max_new_tokens,
+                             sampler=sampler, checker=checker, pad_id=pad_id, seed=seed,
+                             prefill_chunk_size=prefill_chunk_size, hooks=hooks, progress=progress)
+
+    if len(chain) == 1 and limit is None:
+        return run(chain[0])
+    param = next(model.parameters())
+    batch, prompt_len = input_ids.shape
+
+    def estimate(spec: CacheSpec) -> CacheEstimate:
+        return estimate_cache(model.config, spec, batch=batch, prompt_len=prompt_len,
+                              max_new_tokens=max_new_tokens, dtype=param.dtype)
+
+    return run_chain(chain, run, estimate=estimate, limit=limit, device=param.device)
 
 
 def generate_ids(

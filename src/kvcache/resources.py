@@ -71,10 +71,6 @@ def _spec_capacity(spec: Any) -> int | None:
     return int(capacity) if isinstance(capacity, int) else None
 
 
-def _is_static(spec: Any) -> bool:
-    return getattr(getattr(spec, "layout", None), "name", "dynamic") == "static"
-
-
 def _bounded_by_policy(spec: Any) -> bool:
     """A retention policy other than ``full`` caps the cache below the sequence length."""
     policy = getattr(spec, "policy", None)
@@ -82,29 +78,24 @@ def _bounded_by_policy(spec: Any) -> bool:
 
 
 def estimate_bytes(config: Any, spec: Any, *, batch: int, prompt_len: int, max_new_tokens: int,
-                   dtype: torch.dtype) -> tuple[int, str]:
-    """Bytes a generation allocates for its cache and masks at most, and the setting that drives them.
+                   dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[int, str]:
+    """Bytes a generation allocates on ``device`` for its cache and masks at most, and the setting that
+    drives them.
 
-    A preallocated layout (``static``) takes its whole capacity at once; a growable one takes the full
-    sequence when it runs to ``max_new_tokens`` and no retention policy bounds it. Quantized precisions
-    are counted at full precision (an upper bound).
+    The cache part is :func:`kvcache.estimate.estimate_cache` (the one estimator: layouts, precisions,
+    placements and retention policies as the registry predicts them); an offloaded cache counts its
+    transient device copies on an accelerator and everything on the CPU.
     """
-    from kvcache.cache import model_cache_shape
+    from kvcache.estimate import estimate_cache
 
     total = prompt_len + max_new_tokens
-    layers, kv_heads, head_dims = model_cache_shape(config)
-    per_token = 2 * batch * sum(h * d for h, d in zip(kv_heads, head_dims, strict=True)) * dtype.itemsize
+    est = estimate_cache(config, spec, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                         dtype=dtype)
     capacity = _spec_capacity(spec)
-    if capacity is not None:
-        length, knob = max(capacity, prompt_len), "static:capacity=N"
-    elif _is_static(spec) or not _bounded_by_policy(spec):
-        length, knob = total, "max_new_tokens (--max-new-tokens)"
-    else:
-        # A retention policy holds at most the prompt (while it is prefilled) and then its budget.
-        length, knob = prompt_len, "max_new_tokens (--max-new-tokens)"
+    knob = "static:capacity=N" if capacity is not None else "max_new_tokens (--max-new-tokens)"
     # the decode loop's attention mask spans every position (and every slot of a static cache), int64
     mask = batch * max(total, capacity or 0) * 8
-    return per_token * length + mask, knob
+    return est.device_bytes(device) + mask, knob
 
 
 def check_fits(config: Any, spec: Any, *, batch: int, prompt_len: int, max_new_tokens: int,
@@ -126,7 +117,7 @@ def check_fits(config: Any, spec: Any, *, batch: int, prompt_len: int, max_new_t
         raise KVCacheError(f"the prompt has {prompt_len} tokens (left padding included) but the model's "
                            f"context is {context} tokens; shorten the prompt")
     need, knob = estimate_bytes(config, spec, batch=batch, prompt_len=prompt_len,
-                                max_new_tokens=max_new_tokens, dtype=dtype)
+                                max_new_tokens=max_new_tokens, dtype=dtype, device=device)
     free = available_memory(device)
     if free is not None and need > free:
         # With a policy the cache is bounded already: what grows is the attention mask over every token.

@@ -85,7 +85,9 @@ _KIND_LIST: tuple[KindInfo, ...] = (
         ),
         available=True,
     ),
-    KindInfo("offload", "placement", "keep K/V in host memory, prefetch the next layer ahead of use"),
+    KindInfo("offload", "placement",
+             "keep K/V in host memory, prefetch the next layer ahead of use (CPU: a pass-through)",
+             available=True),
     KindInfo("full", "policy", "keep every token (the default)", available=True),
     # Each policy declares its own parameters (kvcache/policies/); the registry reads them from there.
     *(KindInfo(cls.name, "policy", cls.description, cls.params, available=True, validate=cls.validate)

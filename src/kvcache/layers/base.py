@@ -53,11 +53,17 @@ class LayerCapabilities:
         attention, but memory is freed a whole group at a time.
     compileable:
         Shapes and buffer addresses stay fixed from step to step (``torch.compile``/CUDA graphs).
+    appends_in_order:
+        ``update`` writes the new tokens into slots ``physical_length ..`` and leaves the held slots as they
+        were, so a copy of the held slots made elsewhere (an offloaded layer's device copy) stays valid and
+        only the new tokens need to join it. False (the safe default) for stores that rewrite held slots
+        (a quantized store moving tokens out of its full-precision window).
     """
 
     croppable: bool = True
     keep_group: int = 1
     compileable: bool = False
+    appends_in_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,11 @@ class CacheLayer(ABC):
         policy's scores) follows by gathering with it, as after :meth:`keep`."""
         return None
 
+    def notes(self) -> tuple[str, ...]:
+        """Remarks on how this store runs here (e.g. a placement that has nothing to do on this machine),
+        reported once per generation in its statistics."""
+        return ()
+
     # ----- shared helpers ----------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes this store holds now, wherever they live (``memory().total``)."""
@@ -369,6 +380,9 @@ class LayerWrapper(CacheLayer):
 
     def release(self) -> None:
         self.inner.release()
+
+    def notes(self) -> tuple[str, ...]:
+        return self.inner.notes()
 
     @property
     def evicted(self) -> int:

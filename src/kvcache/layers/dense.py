@@ -48,6 +48,9 @@ class DynamicLayer(CacheLayer):
     ----------
     min_growth:
         The fewest slots added when the buffer grows (avoids many small re-allocations on short contexts).
+    pin_memory:
+        Allocate host buffers page-locked (an offloaded store on an accelerator copies them asynchronously);
+        buffers re-made by ``keep``/``index_batch`` are ordinary memory (copies from them are synchronous).
 
     Notes
     -----
@@ -55,13 +58,15 @@ class DynamicLayer(CacheLayer):
     steps outside it (inference tensors cannot be modified outside inference mode); ``torch.no_grad`` is fine.
     """
 
-    capabilities = LayerCapabilities(croppable=True, keep_group=1, compileable=False)
+    capabilities = LayerCapabilities(croppable=True, keep_group=1, compileable=False, appends_in_order=True)
 
-    def __init__(self, min_growth: int = 128) -> None:
+    def __init__(self, min_growth: int = 128, pin_memory: bool = False) -> None:
         super().__init__()
         if min_growth < 1:
             raise ValueError(f"min_growth must be >= 1, got {min_growth}")
         self.min_growth = min_growth
+        # Host buffers in page-locked memory, so copies to an accelerator can run asynchronously (offload).
+        self.pin_memory = pin_memory
         self._keys: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self._values: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None  # (B, H_kv, capacity) logical index of each slot, -1: none
@@ -81,9 +86,10 @@ class DynamicLayer(CacheLayer):
         new_capacity = needed + headroom
         b, h, _, dk = key.shape
         dv = value.shape[-1]
-        new_k = key.new_empty((b, h, new_capacity, dk))
-        new_v = value.new_empty((b, h, new_capacity, dv))
-        new_p = torch.empty((b, h, new_capacity), dtype=POSITION_DTYPE, device=key.device)
+        pin = self.pin_memory and key.device.type == "cpu"
+        new_k = torch.empty((b, h, new_capacity, dk), dtype=key.dtype, device=key.device, pin_memory=pin)
+        new_v = torch.empty((b, h, new_capacity, dv), dtype=value.dtype, device=key.device, pin_memory=pin)
+        new_p = torch.empty((b, h, new_capacity), dtype=POSITION_DTYPE, device=key.device, pin_memory=pin)
         if self._keys is not None and self._values is not None and self._pos is not None and self._length:
             new_k[:, :, : self._length].copy_(self._keys[:, :, : self._length])
             new_v[:, :, : self._length].copy_(self._values[:, :, : self._length])
@@ -251,9 +257,11 @@ class StaticLayer(CacheLayer):
     dtype, device:
         Of the buffers. If the first update of an empty layer brings another batch size, dtype or device
         (e.g. beam search expands the batch), the buffers are allocated again to match, once.
+    pin_memory:
+        Allocate host buffers page-locked (an offloaded store on an accelerator copies them asynchronously).
     """
 
-    capabilities = LayerCapabilities(croppable=True, keep_group=1, compileable=True)
+    capabilities = LayerCapabilities(croppable=True, keep_group=1, compileable=True, appends_in_order=True)
 
     def __init__(
         self,
@@ -263,20 +271,24 @@ class StaticLayer(CacheLayer):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        pin_memory: bool = False,
     ) -> None:
         for name, v in (("capacity", capacity), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise KVCacheError(f"StaticLayer {name} must be an integer >= 1, got {v!r}")
         self.capacity = capacity
+        self.pin_memory = pin_memory  # page-locked host buffers (offload: asynchronous copies)
         self._allocate(batch_size, num_kv_heads, head_dim, head_dim, dtype, torch.device(device or "cpu"))
         super().__init__()  # sets seen = 0 through the property below
 
     def _allocate(self, b: int, h: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> None:
-        self._keys = torch.zeros((b, h, self.capacity, dk), dtype=dtype, device=device)
-        self._values = torch.zeros((b, h, self.capacity, dv), dtype=dtype, device=device)
+        pin = self.pin_memory and device.type == "cpu"
+        self._keys = torch.zeros((b, h, self.capacity, dk), dtype=dtype, device=device, pin_memory=pin)
+        self._values = torch.zeros((b, h, self.capacity, dv), dtype=dtype, device=device, pin_memory=pin)
         # Logical index of each slot; -1 for unfilled slots, so a mask built from it hides them.
-        self._pos = torch.full((b, h, self.capacity), -1, dtype=POSITION_DTYPE, device=device)
+        self._pos = torch.full((b, h, self.capacity), -1, dtype=POSITION_DTYPE, device=device,
+                               pin_memory=pin)
         # Physical write position as a device tensor: a step computes its slots from it without a host sync.
         self._write_pos = torch.zeros((), dtype=torch.long, device=device)
         self._length = 0  # slots held (host copy of _write_pos, valid unless _stale)

@@ -18,13 +18,13 @@ import torch
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.base import POSITION_DTYPE, CacheLayer, MemoryUse
 from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.layers.offloaded import build_offloaded, host_shape, offloaded_bytes
 from kvcache.layers.quantized import QuantizedLayer, quantized_bytes
 from kvcache.spec import CacheSpec, SpecPart
 
 __all__ = [
-    "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "PRECISIONS", "PRECISION_BYTES", "WRAPPERS", "WRAPPER_BYTES",
-    "build_store", "dense_bytes",
-    "estimate_store",
+    "INNER_SHAPES", "LayerShape", "LAYOUTS", "LAYOUT_SLOTS", "PRECISIONS", "PRECISION_BYTES", "WRAPPERS",
+    "WRAPPER_BYTES", "build_store", "dense_bytes", "estimate_store",
 ]
 
 
@@ -42,6 +42,8 @@ class LayerShape:
         Prompt + new tokens, the capacity of a ``static`` layout given without ``capacity=N``.
     device, dtype:
         Of preallocated buffers.
+    pin_memory:
+        Host buffers page-locked (the inner store of an offloaded layer on an accelerator).
     """
 
     num_kv_heads: int
@@ -50,6 +52,7 @@ class LayerShape:
     max_cache_len: int | None = None
     device: torch.device | str | None = None
     dtype: torch.dtype = torch.float32
+    pin_memory: bool = False
 
 
 LayoutBuilder = Callable[[Mapping[str, Any], LayerShape], CacheLayer]
@@ -64,7 +67,7 @@ PrecisionBytes = Callable[[SpecPart, int, Mapping[str, Any], LayerShape], Memory
 
 
 def _dynamic(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
-    return DynamicLayer()
+    return DynamicLayer(pin_memory=shape.pin_memory)
 
 
 def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
@@ -75,7 +78,7 @@ def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
             "(prompt length + new tokens)"
         )
     return StaticLayer(capacity, shape.batch_size, shape.num_kv_heads, shape.head_dim, shape.dtype,
-                       shape.device)
+                       shape.device, pin_memory=shape.pin_memory)
 
 
 def _static_slots(params: Mapping[str, Any], shape: LayerShape, tokens: int) -> int:
@@ -112,9 +115,11 @@ PRECISIONS: dict[str, PrecisionBuilder] = {"quantized": _quantized}
 #: precision name -> bytes of its store for the layout part and a number of tokens
 PRECISION_BYTES: dict[str, PrecisionBytes] = {"quantized": _quantized_bytes}
 #: placement name -> builder that wraps the store
-WRAPPERS: dict[str, WrapperBuilder] = {}
+WRAPPERS: dict[str, WrapperBuilder] = {"offload": build_offloaded}
 #: placement name -> how it changes the bytes (and their place) of the store it wraps
-WRAPPER_BYTES: dict[str, WrapperBytes] = {"quantized": _quantized_bytes}
+WRAPPER_BYTES: dict[str, WrapperBytes] = {"offload": offloaded_bytes}
+#: placement name -> the shape the layout and precision under it are built with (offload: on the host)
+INNER_SHAPES: dict[str, Callable[[LayerShape], LayerShape]] = {"offload": host_shape}
 
 
 def build_store(spec: CacheSpec, shape: LayerShape) -> CacheLayer:
@@ -134,12 +139,15 @@ def build_store(spec: CacheSpec, shape: LayerShape) -> CacheLayer:
             f"the cache spec '{spec}' names {', '.join(missing)}, which this release cannot build; "
             f"built: {', '.join(sorted(built))}"
         )
+    placement = spec.placement
+    inner = INNER_SHAPES[placement.name](shape) if placement is not None and placement.name in INNER_SHAPES \
+        else shape
     if spec.precision is not None:
-        store = PRECISIONS[spec.precision.name](spec.layout, spec.precision.params, shape)
+        store = PRECISIONS[spec.precision.name](spec.layout, spec.precision.params, inner)
     else:
-        store = LAYOUTS[spec.layout.name](spec.layout.params, shape)
-    if spec.placement is not None:
-        store = WRAPPERS[spec.placement.name](store, spec.placement.params, shape)
+        store = LAYOUTS[spec.layout.name](spec.layout.params, inner)
+    if placement is not None:
+        store = WRAPPERS[placement.name](store, placement.params, shape)
     return store
 
 
