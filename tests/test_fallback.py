@@ -228,3 +228,21 @@ def test_cli_info_estimate_uses_the_one_estimator(model, model_dir):
     assert rows[0]["host_bytes"] == rows[1]["device_bytes"] == 0
     table = CliRunner().invoke(app, ["info", "--estimate", "--model", model_dir, "--prompt-tokens", "100"])
     assert table.exit_code == 0 and "static" in table.stdout and "h2o:budget=0.25" in table.stdout
+
+
+def test_max_cache_memory_reaches_a_quantized_spec_and_the_fault_chain_runs_it(model, tokenizer, monkeypatch):
+    """The documented chain dynamic -> int4: a budget between the two sizes picks int4 before allocating; an
+    out-of-memory in the dense attempt falls back to it and equals a direct int4 run."""
+    spec = "int4:group=4,residual=4"
+    prompt_len = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+    full = hand_bytes(model, prompt_len + NEW, 2)
+    quant = estimate_cache(model.config, spec, batch=2, prompt_len=prompt_len,
+                           max_new_tokens=NEW).memory.total
+    assert quant < full
+    got = generate(model, tokenizer, PROMPTS, fallback=[spec], max_cache_memory=(full + quant) // 2,
+                   max_new_tokens=NEW, eos_token_id=[])
+    direct = generate(model, tokenizer, PROMPTS, cache=spec, max_new_tokens=NEW, eos_token_id=[])
+    assert got.cache == spec and got.token_ids == direct.token_ids
+    fail_dynamic_after(monkeypatch, 1, torch.OutOfMemoryError("out of memory"))
+    again = generate(model, tokenizer, PROMPTS, fallback=[spec], max_new_tokens=NEW, eos_token_id=[])
+    assert again.cache == spec and again.token_ids == direct.token_ids

@@ -141,7 +141,8 @@ def first_fitting(estimates: Sequence[CacheEstimate], limit: int,
 
 
 #: what ``kvcache info --estimate`` predicts when no ``--cache`` is given
-DEFAULT_ESTIMATE_SPECS: tuple[str, ...] = ("dynamic", "static", "h2o:budget=0.25", "offload")
+DEFAULT_ESTIMATE_SPECS: tuple[str, ...] = ("dynamic", "static", "int8", "int4", "int2", "h2o:budget=0.25",
+                                            "h2o:budget=0.25+int4", "offload")
 
 
 def estimate_for_model(model: str, specs: Sequence[str], *, batch: int, prompt_len: int,
