@@ -91,6 +91,14 @@ def _decode(model: Any, cache: Cache, token: torch.Tensor, steps: int) -> tuple[
     return (time.perf_counter() - start) / steps, token
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a quantized tensor subclass (quanto), the bytes of its parts (the subclass
+    itself reports the logical, dequantized size)."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.nbytes
+
+
 def _nbytes(cache: Cache) -> int:
     if isinstance(cache, KVCache):
         return cache.nbytes()
@@ -99,10 +107,7 @@ def _nbytes(cache: Cache) -> int:
         for value in vars(layer).values():
             for t in (value if isinstance(value, (list, tuple)) else [value]):
                 if isinstance(t, torch.Tensor):
-                    total += t.nbytes
-                elif hasattr(t, "_data") or hasattr(t, "_scale"):  # quanto's quantized tensors
-                    total += sum(getattr(t, a).nbytes for a in ("_data", "_scale", "_shift")
-                                 if isinstance(getattr(t, a, None), torch.Tensor))
+                    total += _tensor_bytes(t)
     return total
 
 
