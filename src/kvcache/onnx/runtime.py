@@ -26,6 +26,7 @@ from kvcache.cache import KVCache, model_cache_shape
 from kvcache.decoding import StepFunction, decode
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.hooks import DecodeHooks, chain
+from kvcache.layers.dense import DynamicLayer
 from kvcache.models.load import load_tokenizer
 from kvcache.onnx.inject import sliding_windows
 from kvcache.onnx.policy_feed import observe_layer, slot_masks, wants_logits
@@ -156,7 +157,14 @@ class OnnxGenerator:
             want = wants_logits(cache)
         out = self.decoder.run(input_ids, torch.cat([past_mask, current_mask], dim=1), position_ids, past,
                                slot_masks=masks, logits_of_attention=want)
+        valid = None if bool(current_mask.all()) else current_mask.bool()
         for i, (k, v) in enumerate(out.presents):
+            store = stores[i]
+            if type(store) is DynamicLayer and cache.observer is None and not store.slots_remapped:
+                # the present is past ++ new, contiguous: the store keeps it, and hands it back whole as the
+                # next past (no copy of the new tokens in, none of the cache out)
+                store.adopt(k, v, valid)
+                continue
             cache.update(k[:, :, -seq:, :], v[:, :, -seq:, :], i)
             if out.attn_logits is not None:
                 observe_layer(cache, i, out.attn_logits[i], seq)
