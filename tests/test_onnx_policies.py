@@ -181,3 +181,12 @@ def test_fused_attention_op_serves_policies(onnx_exports):  # noqa: F811
         ours = OnnxGenerator(path, cache="h2o:budget=0.5", tokenizer=tok).generate(
             prompts, max_new_tokens=8, eos_token_id=[])
         assert ours.token_ids == ref.token_ids
+
+
+def test_check_runs_a_graph_injected_for_policies(onnx_exports):  # noqa: F811
+    """`kvcache onnx check` feeds the slot masks of an un-evicted cache: step logits match the original."""
+    from kvcache.onnx.check import check_graph
+
+    path = onnx_exports.injected("mistral", "eager", "legacy", policies=True)
+    report = check_graph(path.parent / "model.onnx", path, batch=2, prefill=5, steps=3)
+    assert report.ok, report.format()
