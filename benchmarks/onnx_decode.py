@@ -128,12 +128,21 @@ def build_genai(model: torch.nn.Module, tokenizer: object | None, root: Path, th
         return None
     hf, out = root / "hf", root / "genai"
     model.save_pretrained(hf)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(hf)  # type: ignore[attr-defined]
+    if tokenizer is None:
+        # the builder writes a tokenizer's processing files beside its graph; decoding here feeds token ids,
+        # so the bundled model's tokenizer serves a random model too
+        from kvcache.models import load
+
+        tokenizer = load("default")[1]
+    tokenizer.save_pretrained(hf)  # type: ignore[attr-defined]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                    "-p", "fp32", "-e", "cpu", "-c", str(root / "genai_cache")], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
+                            str(out), "-p", "fp32", "-e", "cpu", "-c", str(root / "genai_cache")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if built.returncode:
+        print(f"onnxruntime-genai's model builder failed, no genai row: {built.stderr[-500:]}",
+              file=sys.stderr)
+        return None
     config_path = out / "genai_config.json"
     config = json.loads(config_path.read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
