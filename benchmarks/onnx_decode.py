@@ -9,9 +9,14 @@ times single-token decode steps after a prompt of each context length:
 * ``raw``: the native graph in a bare ``session.run`` loop feeding ``present`` back as ``past`` (numpy, no
   kvcache layers): the cost of the host-side layers is the gap between ``native`` and ``raw``;
 * ``no-cache``: the original graph recomputing the whole sequence for every token;
-* ``torch``: PyTorch eager with a kvcache ``dynamic`` cache.
+* ``torch``: PyTorch eager with a kvcache ``dynamic`` cache;
+* ``genai``: onnxruntime-genai (a peer, the optional ``peers`` extra): its model builder turns the same
+  model, saved as a local Hugging Face directory, into its own fp32 CPU graph (fused GroupQueryAttention,
+  past and present sharing one preallocated buffer), decoded with ``Generator.generate_next_token``.
+  Left out, with a note, when the package is not installed.
 
-Run: ``python benchmarks/onnx_decode.py`` (``--quick`` for a smaller smoke run, ``--json PATH`` to save).
+Run: ``python benchmarks/onnx_decode.py`` (``--quick`` for a smaller smoke run, ``--bundled`` for the bundled
+model instead of the random Llama, ``--json PATH`` to save).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,6 +117,52 @@ def torch_loop(model: torch.nn.Module, ids: torch.Tensor, context: int) -> Step:
     return lambda i: run(context + i, context + i + 1)
 
 
+def build_genai(model: torch.nn.Module, tokenizer: object | None, root: Path, threads: int) -> Path | None:
+    """onnxruntime-genai's own graph of ``model`` (its model builder on a local HF directory, offline, fp32,
+    CPU), with ``threads`` intra-op threads in its config; ``None`` when onnxruntime-genai is missing."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        print("onnxruntime-genai is not installed (pip install 'kvcache[peers]'): no genai row",
+              file=sys.stderr)
+        return None
+    hf, out = root / "hf", root / "genai"
+    model.save_pretrained(hf)
+    if tokenizer is None:
+        # the builder writes a tokenizer's processing files beside its graph; decoding here feeds token ids,
+        # so the bundled model's tokenizer serves a random model too
+        from kvcache.models import load
+
+        tokenizer = load("default")[1]
+    tokenizer.save_pretrained(hf)  # type: ignore[attr-defined]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
+                            str(out), "-p", "fp32", "-e", "cpu", "-c", str(root / "genai_cache")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if built.returncode:
+        print(f"onnxruntime-genai's model builder failed, no genai row: {built.stderr[-500:]}",
+              file=sys.stderr)
+        return None
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config_path.write_text(json.dumps(config, indent=1))
+    return out
+
+
+def genai_loop(graph_dir: Path, ids: np.ndarray, context: int, max_length: int) -> Step:
+    """onnxruntime-genai's decode loop: prefill ``context`` tokens, then one ``generate_next_token`` per
+    step (greedy; the token fed is its own, which costs the same as feeding ours)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(graph_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids[0, :context].astype(np.int32))
+    return lambda i: generator.generate_next_token()
+
+
 def interleaved(steppers: dict[str, Step], steps: int, warmup: int,
                 sparse: dict[str, int]) -> dict[str, list[float]]:
     """Seconds per step of each stepper, run in turns (one step each per round, the order rotating every
@@ -148,6 +200,7 @@ def build_graphs(model: torch.nn.Module, root: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, short contexts (smoke run)")
+    parser.add_argument("--bundled", action="store_true", help="the bundled model instead of a random Llama")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 128 512 1024")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 20, quick 4)")
     parser.add_argument("--layers", type=int, default=8)
@@ -172,18 +225,30 @@ def main(argv: list[str] | None = None) -> int:
     # session steals the cores the running one (or PyTorch) needs.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-    model = random_model("llama", seed=0, num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
-                         num_kv_heads=args.kv_heads, vocab_size=args.vocab,
-                         max_positions=max(contexts) + steps + warmup + 8)
+    tokenizer = None
+    if args.bundled:
+        from kvcache.models import load
+
+        model, tokenizer = load("default")
+        text = model.config
+        args.layers, args.hidden = text.num_hidden_layers, text.hidden_size
+        args.heads, args.kv_heads = text.num_attention_heads, text.num_key_value_heads
+        args.vocab = text.vocab_size
+    else:
+        model = random_model("llama", seed=0, num_layers=args.layers, hidden=args.hidden,
+                             num_heads=args.heads, num_kv_heads=args.kv_heads, vocab_size=args.vocab,
+                             max_positions=max(contexts) + steps + warmup + 8)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, args.vocab, (1, max(contexts) + steps + warmup + 1), generator=gen)
-    shape = (f"llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV "
-             f"heads, vocab {args.vocab}, fp32, batch 1, {threads} threads, ORT {ort.__version__}, "
-             f"torch {torch.__version__}")
+    length = max(contexts) + steps + warmup + 1
+    ids = torch.randint(3, args.vocab, (1, length), generator=gen)
+    shape = (f"{'bundled model: ' if args.bundled else ''}llama {args.layers} layers, hidden {args.hidden}, "
+             f"{args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}, fp32, batch 1, {threads} "
+             f"threads, ORT {ort.__version__}, torch {torch.__version__}")
     print(shape, file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         graphs = build_graphs(model, Path(tmp))
+        genai_dir = build_genai(model, tokenizer, Path(tmp), threads)
         for context in contexts:
             steppers = {
                 "injected": host_loop(graphs["injected"].parent, ids, context, opts),
@@ -192,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 "no_cache": no_cache(graphs["plain"], ids.numpy(), context, opts),
                 "torch": torch_loop(model, ids, context),
             }
+            if genai_dir is not None:
+                steppers["genai"] = genai_loop(genai_dir, ids.numpy(), context, length + 1)
             # full recomputes are slow: one every 5 rounds still gives a stable median
             samples = interleaved(steppers, steps, warmup, sparse={"no_cache": 5})
             row = {"context": context, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in samples.items()}}
@@ -199,14 +266,20 @@ def main(argv: list[str] | None = None) -> int:
             timings = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "context")
             print(f"context {context}: {timings}", file=sys.stderr)
 
+    has_genai = "genai_ms" in rows[0]
     header = ("| context | injected ms/token | native with-past | raw ORT loop | no-cache recompute | "
-              "PyTorch eager | no-cache / injected | injected / native | torch / injected |")
+              "PyTorch eager |" + (" onnxruntime-genai |" if has_genai else "") +
+              " no-cache / injected | injected / native | injected / raw |" +
+              (" injected / genai |" if has_genai else ""))
     print(header)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
+        genai = f" {r['genai_ms']:.2f} |" if has_genai else ""
+        genai_ratio = f" {r['injected_ms'] / r['genai_ms']:.2f}x |" if has_genai else ""
         print(f"| {r['context']} | {r['injected_ms']:.2f} | {r['native_ms']:.2f} | {r['raw_ms']:.2f} | "
-              f"{r['no_cache_ms']:.2f} | {r['torch_ms']:.2f} | {r['no_cache_ms'] / r['injected_ms']:.1f}x | "
-              f"{r['injected_ms'] / r['native_ms']:.2f}x | {r['torch_ms'] / r['injected_ms']:.2f}x |")
+              f"{r['no_cache_ms']:.2f} | {r['torch_ms']:.2f} |{genai} "
+              f"{r['no_cache_ms'] / r['injected_ms']:.1f}x | {r['injected_ms'] / r['native_ms']:.2f}x | "
+              f"{r['injected_ms'] / r['raw_ms']:.2f}x |{genai_ratio}")
     longest = rows[-1]
     speedup = longest["no_cache_ms"] / longest["injected_ms"]
     worst = max(r["injected_ms"] / r["native_ms"] for r in rows)

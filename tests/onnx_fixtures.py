@@ -142,7 +142,7 @@ class ExportCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._dirs: dict[tuple[str, str, str, int | None, bool], Path] = {}
-        self._injected: dict[tuple[str, str, str, int | None, bool], Path] = {}
+        self._injected: dict[tuple[str, str, str, int | None, bool, bool], Path] = {}
 
     def get(self, arch: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
             with_cache: bool = False) -> Path:
@@ -173,13 +173,15 @@ class ExportCache:
         return self._dirs[key]
 
     def injected(self, arch: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
-                 attention_stats: bool = False) -> Path:
-        """Path of the injected graph of :meth:`get`'s export (``model_kvcache.onnx`` or ``..._stats``)."""
-        key = (arch, attn, exporter, opset, attention_stats)
+                 attention_stats: bool = False, policies: bool = False) -> Path:
+        """Path of the injected graph of :meth:`get`'s export (``model_kvcache.onnx``, ``..._stats`` or
+        ``..._policies``)."""
+        key = (arch, attn, exporter, opset, attention_stats, policies)
         if key not in self._injected:
             d = self.get(arch, attn, exporter, opset)
-            out = d / ("model_kvcache_stats.onnx" if attention_stats else "model_kvcache.onnx")
-            self._injected[key] = inject_file(d / "model.onnx", out, attention_stats=attention_stats)
+            name = "model_kvcache" + ("_stats" if attention_stats else "") + ("_policies" if policies else "")
+            self._injected[key] = inject_file(d / "model.onnx", d / f"{name}.onnx",
+                                              attention_stats=attention_stats, policies=policies)
         return self._injected[key]
 
 

@@ -164,3 +164,29 @@ def test_reset_and_bad_input(make) -> None:
 def test_static_rejects_bad_shape_arguments() -> None:
     with pytest.raises(KVCacheError, match="capacity"):
         StaticLayer(0, 1, H, D)
+
+
+def test_dynamic_adopt_equals_update_without_copying():
+    """adopt(): the store keeps a runtime's past ++ new tensor as its buffer (no copy), and is then the same
+    store update() would have made (keys, values, positions, padding, a later update growing it)."""
+    torch.manual_seed(0)
+    first_k, first_v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    ref, ours = DynamicLayer(), DynamicLayer()
+    ref.update(first_k, first_v, valid)
+    ours.adopt(first_k.clone(), first_v.clone(), valid)
+    new_k, new_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    ref.update(new_k, new_v)
+    present_k = torch.cat([ours.keys_values()[0], new_k], dim=2)
+    ours.adopt(present_k, torch.cat([ours.keys_values()[1], new_v], dim=2))
+    assert ours.keys_values()[0].data_ptr() == present_k.data_ptr()  # held, not copied
+    for a, b in zip(ref.keys_values(), ours.keys_values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(ref.positions, ours.positions) and ours.seen == ref.seen == 4
+    more_k, more_v = torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4)
+    ref.update(more_k, more_v)
+    ours.update(more_k, more_v)
+    torch.testing.assert_close(ref.keys_values()[1], ours.keys_values()[1])
+    assert torch.equal(ref.positions, ours.positions)
+    with pytest.raises(KVCacheError, match="held slots"):
+        ours.adopt(torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4))

@@ -120,9 +120,9 @@ def test_static_capacity_ends_generation(llama, tokenizer):
     assert ours.token_ids == ref.token_ids and ours.finish_reasons == ref.finish_reasons
 
 
-def test_retention_policies_are_refused_until_built_for_onnx_runtime(llama):
-    # They need the graph's attention statistics and per-head masks: refused, not silently run as "recent".
-    with pytest.raises(UnsupportedSpecError, match="ONNX Runtime"):
+def test_retention_policies_need_a_graph_injected_for_them(llama):
+    # Per-head slot masks and attention logits (tests/test_onnx_policies.py): refused, not silently run.
+    with pytest.raises(UnsupportedSpecError, match="--policies"):
         OnnxGenerator(llama[1], cache="h2o:budget=0.5")
 
 

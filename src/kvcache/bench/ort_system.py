@@ -12,20 +12,22 @@ from typing import Any
 from kvcache.bench.systems import SystemInfo
 
 PREFIX = "ort:"
-_EXPORTS: dict[str, Path] = {}  # model name -> injected graph, exported once per process
+_EXPORTS: dict[tuple[str, bool], Path] = {}  # (model name, policies) -> injected graph, once per process
 
 
-def _injected_graph(model_name: str) -> Path:
-    """Export ``model_name`` without a cache, inject a KV cache, return the graph (a temporary folder)."""
-    if model_name not in _EXPORTS:
+def _injected_graph(model_name: str, policies: bool = False) -> Path:
+    """Export ``model_name`` without a cache, inject a KV cache (``--policies`` for a spec with a retention
+    policy), return the graph (a temporary folder)."""
+    key = (model_name, policies)
+    if key not in _EXPORTS:
         from kvcache.onnx.export import export
         from kvcache.onnx.inject import inject_file
 
         tmp = Path(tempfile.mkdtemp(prefix="kvcache-bench-onnx-"))
         atexit.register(shutil.rmtree, tmp, True)
         graph = export(model_name, tmp / "model")
-        _EXPORTS[model_name] = inject_file(graph)
-    return _EXPORTS[model_name]
+        _EXPORTS[key] = inject_file(graph, policies=policies)
+    return _EXPORTS[key]
 
 
 class OrtSystem:
@@ -55,7 +57,8 @@ class OrtSystem:
         if self._generator is None:
             from kvcache.onnx.runtime import OnnxGenerator
 
-            self._generator = OnnxGenerator(_injected_graph(self.model_name), cache=self.spec,
+            policies = self.spec.policy is not None and self.spec.policy.name != "full"
+            self._generator = OnnxGenerator(_injected_graph(self.model_name, policies), cache=self.spec,
                                             threads=self.threads, tokenizer=self.tokenizer)
         return self._generator
 

@@ -131,6 +131,39 @@ class DynamicLayer(CacheLayer):
             return None
         return self._keys[:, :, : self._length], self._values[:, :, : self._length]
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Take ``(B, H_kv, T_held + T_new, D)`` keys/values as the buffers, without copying them: their first
+        ``T_held`` slots hold what this store holds, the last ``T_new`` the new tokens (``valid`` as in
+        :meth:`update`).
+
+        For a runtime whose graph writes past ++ new into a fresh ``present`` tensor (ONNX Runtime): the
+        store holds that tensor instead of copying the new tokens into its own buffer, and hands it back
+        whole, contiguous, as the next step's past, so nothing is copied on the host. The buffers then have
+        no spare slots; a later :meth:`update` grows them as usual.
+        """
+        _check_kv(keys, values)
+        held = self._length
+        if held and (self._keys is None or self._values is None
+                     or _layout(self._keys, self._values) != _layout(keys, values)):
+            raise KVCacheError(f"adopted keys {tuple(keys.shape)} do not match the cached layout; call "
+                               "reset() before a new batch")
+        end = keys.shape[2]
+        if end <= held:
+            raise KVCacheError(f"adopt() needs the {held} held slots plus new ones, got {end} slots")
+        b, h = keys.shape[:2]
+        new_pos = new_positions(self.seen, end - held, valid, b, h, keys.device)
+        pos = self._pos
+        if pos is None or not held or pos.shape[2] < end or pos.shape[:2] != (b, h):
+            grown = torch.empty((b, h, end + max(self.min_growth, end // 4)), dtype=POSITION_DTYPE,
+                                device=keys.device)
+            if held and pos is not None:
+                grown[:, :, :held].copy_(pos[:, :, :held])
+            self._pos = pos = grown
+        pos[:, :, held:end].copy_(new_pos)
+        self._keys, self._values = keys, values
+        self.seen += end - held
+        self._length = end
+
     @property
     def positions(self) -> torch.Tensor | None:
         if self._pos is None or self._length == 0:

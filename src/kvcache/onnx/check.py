@@ -168,6 +168,7 @@ def check_graph(
     report = CheckReport(original=str(orig_path), tested=str(tested_path), batch=batch, tol=tol)
     cache_dtype = np.float16 if sig.dtype.itemsize == 2 else np.float32
     heads, dim = _expected_geometry(tested_dir, sig)
+    slot_layout = _slot_layout(tested_dir) if sig.has_slot_masks else None
     past: list[np.ndarray] | None = None
     seen = np.zeros(batch, np.int64)
     bounds = [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]
@@ -182,6 +183,8 @@ def check_graph(
         elif sig.has_position_ids:
             feeds[names.POSITION_IDS] = _positions(cur_mask, seen)
         seen = seen + cur_mask.sum(axis=1)
+        if slot_layout is not None:
+            feeds.update(_slot_masks(mask, start, end, *slot_layout))
         for i in range(sig.num_layers):
             for j, name in enumerate((names.past_key(i), names.past_value(i))):
                 if past is None:
@@ -231,6 +234,36 @@ def _expected_geometry(directory: Path, sig: GraphSignature) -> tuple[int | None
         check_config_matches(sig, config, directory)
     _, kv_heads, head_dims = model_cache_shape(config)
     return kv_heads[0], head_dims[0]
+
+
+def _slot_layout(directory: Path) -> tuple[list[int], list[int | None]]:
+    """Per layer KV heads and sliding window of a graph injected with ``--policies`` (from its config)."""
+    from kvcache.onnx.inject import sliding_windows
+
+    if not (directory / "config.json").is_file():
+        raise KVCacheError(f"{directory} has no config.json, which a graph taking slot masks needs to be "
+                           "checked (KV heads and sliding windows per layer)")
+    config = AutoConfig.from_pretrained(directory)
+    layers, kv_heads, _ = model_cache_shape(config)
+    return kv_heads, sliding_windows(config, layers)
+
+
+def _slot_masks(mask: np.ndarray, start: int, end: int, kv_heads: list[int],
+                windows: list[int | None]) -> dict[str, np.ndarray]:
+    """``slot_mask.{i}`` ``[batch, kv_heads, end - start, end]`` when no token was evicted: causal, padding
+    and sliding window, as :func:`kvcache.masks.slot_mask` builds them from slots that follow the columns."""
+    keys = np.arange(end)[None, :]
+    queries = np.arange(start, end)[:, None]
+    padding = mask[:, None, None, :end].astype(bool)
+    feeds = {}
+    for i, (heads, window) in enumerate(zip(kv_heads, windows, strict=True)):
+        causal = keys <= queries
+        if window is not None:
+            causal &= keys > queries - window
+        allowed = padding & causal[None, None]
+        feeds[names.slot_mask(i)] = np.ascontiguousarray(
+            np.broadcast_to(allowed, (mask.shape[0], heads, end - start, end)))
+    return feeds
 
 
 def _run_reference(sess: ort.InferenceSession, inputs: set[str], ids: np.ndarray,

@@ -43,7 +43,11 @@ def inject_cmd(
     out: str | None = typer.Option(None, "--out",
                                    help="Output file (default: <name>_kvcache.onnx beside the input)."),
     attention_stats: bool = typer.Option(
-        False, "--attention-stats", help="Also output attn_scores.{i} per layer for host-side policies."),
+        False, "--attention-stats", help="Also output attn_scores.{i} per layer (summed attention)."),
+    policies: bool = typer.Option(
+        False, "--policies",
+        help="Make the graph run retention policies (`onnx generate --cache h2o:...`): per-layer slot-mask "
+             "inputs and attention-logits outputs."),
     force: bool = typer.Option(False, "--force",
                                help="Overwrite an existing --out file even if it is not an injected graph."),
 ) -> None:
@@ -54,7 +58,7 @@ def inject_cmd(
     """
     from kvcache.onnx.inject import inject_file
 
-    path = inject_file(model, out, attention_stats=attention_stats, force=force)
+    path = inject_file(model, out, attention_stats=attention_stats, policies=policies, force=force)
     typer.echo(str(path))
 
 

@@ -42,7 +42,7 @@ from kvcache.onnx.rewrite_cache import inject_cache
 from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits
 from kvcache.onnx.rewrite_positions import rewrite_positions
 from kvcache.onnx.rewrite_sizes import split_mask_sizes
-from kvcache.onnx.rewrite_stats import add_attention_stats
+from kvcache.onnx.rewrite_stats import add_attention_logits, add_attention_stats
 
 #: files copied beside an injected graph written to another directory
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -60,7 +60,7 @@ def _geometry(config: PretrainedConfig) -> tuple[int, int, list[int], list[int]]
     return num_layers, heads, kv_heads, head_dims
 
 
-def _sliding_windows(config: PretrainedConfig, num_layers: int) -> list[int | None]:
+def sliding_windows(config: PretrainedConfig, num_layers: int) -> list[int | None]:
     """Per layer, the sliding-window size of its attention, or ``None`` for full causal attention."""
     text = config.get_text_config(decoder=True)
     if getattr(text, "model_type", None) == "gpt_neo":
@@ -83,13 +83,17 @@ class KVCacheInjector:
     attention_stats:
         Also output ``attn_scores.{i}`` ``[batch, num_heads, past + seq]`` per layer (see
         :mod:`kvcache.onnx.names`).
+    policies:
+        Make the graph run retention policies on the host: per-layer ``slot_mask.{i}`` inputs replace the
+        mask built from ``attention_mask`` (slots differ per layer and KV head after eviction), and
+        ``attn_logits.{i}`` outputs give the host the masked logits policies score from.
     """
 
     #: architectures (``config.model_type``) tested end to end; others are attempted with the generic matcher
     supported_models: tuple[str, ...] = ARCHITECTURES
 
     def __init__(self, model_dir: str | os.PathLike[str] | PretrainedConfig, *,
-                 attention_stats: bool = False) -> None:
+                 attention_stats: bool = False, policies: bool = False) -> None:
         if isinstance(model_dir, PretrainedConfig):
             self.config = model_dir
         else:
@@ -105,6 +109,7 @@ class KVCacheInjector:
         self.arch = getattr(self.config, "model_type", "unknown")
         self.num_layers, self.num_heads, self.kv_heads, self.head_dims = _geometry(self.config)
         self.attention_stats = attention_stats
+        self.policies = policies
 
     # ----- validation ---------------------------------------------------------------------------------
     def _validate(self, model: onnx.ModelProto) -> None:
@@ -202,18 +207,20 @@ class KVCacheInjector:
             self.positions = rewrite_positions(g, sites, probe, batch, seq, self.arch)
         # before any edit: sizes the exporter read from the mask are split into current/total lengths
         split_mask_sizes(g, sites, probe)
-        builder = MaskBuilder(g)
-        windows = _sliding_windows(self.config, self.num_layers)
+        builder = MaskBuilder(g, [(kv, self.num_heads) for kv in self.kv_heads] if self.policies else None)
+        windows = sliding_windows(self.config, self.num_layers)
         for site in sites:
             inject_cache(g, site, (self.kv_heads[site.layer], self.head_dims[site.layer]), probe, probe2, seq,
                          seq2, self.arch)
             window = windows[site.layer]
             if site.mask_edits:
-                apply_mask_edits(g, builder, site.mask_edits, site.score_dtype, window)
+                apply_mask_edits(g, builder, site.mask_edits, site.score_dtype, window, site.layer)
             elif site.softmax is not None:
-                add_mask_before_softmax(g, builder, site.softmax, site.score_dtype, window)
+                add_mask_before_softmax(g, builder, site.softmax, site.score_dtype, window, site.layer)
         if self.attention_stats:
             add_attention_stats(g, sites, builder)
+        if self.policies:
+            add_attention_logits(g, sites)
         g.prune()
         g.sort()
         self._finish_io(model, sites, probe)
@@ -244,6 +251,7 @@ class KVCacheInjector:
             names.META_NUM_KV_HEADS: _per_layer(self.kv_heads),
             names.META_HEAD_DIM: _per_layer(self.head_dims),
             names.META_ATTENTION_STATS: "1" if self.attention_stats else "0",
+            names.META_POLICIES: "1" if self.policies else "0",
             names.META_POSITIONS: self.positions,
         }
         kept = [p for p in model.metadata_props if p.key not in meta]
@@ -272,7 +280,7 @@ def _resolve(path: Path) -> tuple[Path, Path]:
 
 
 def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                attention_stats: bool = False, force: bool = False) -> Path:
+                attention_stats: bool = False, policies: bool = False, force: bool = False) -> Path:
     """Inject a KV cache into the graph at ``path`` and write it atomically.
 
     Parameters
@@ -284,7 +292,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
         beside the input. Written to a temporary file first, then moved in place with ``os.replace``.
         When ``out`` is in another directory, the external-data, config and tokenizer files it needs are
         copied beside it (files already there are never replaced; a different weights file is refused).
-    attention_stats:
+    attention_stats, policies:
         See :class:`KVCacheInjector`.
     force:
         Overwrite an existing ``out`` that is not a graph this function wrote, or the input itself when
@@ -302,7 +310,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
         dest = dest / (src.stem + "_kvcache.onnx")
     if not (force and dest.exists() and dest.resolve() == src.resolve()):
         check_inject_destination(dest, src, force=force)
-    injector = KVCacheInjector(model_dir, attention_stats=attention_stats)
+    injector = KVCacheInjector(model_dir, attention_stats=attention_stats, policies=policies)
     try:
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: the file is not an ONNX model

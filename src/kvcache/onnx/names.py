@@ -19,6 +19,13 @@ Graph inputs
                          position encoding (RoPE), values as projected. ``num_kv_heads`` is the GQA count, so
                          the GQA memory saving is kept. ``past`` may be 0 (first step / prefill).
 
+``slot_mask.{i}``         (only with ``--policies``) bool ``[batch, num_kv_heads, sequence, past + sequence]``
+                         per layer: True where query ``q`` may attend slot ``s`` of KV head ``h``. Built
+                         by the host from the logical position of every slot (causality, padding, sliding
+                         window: :func:`kvcache.masks.slot_mask`), so that after a retention policy kept
+                         different tokens per layer, sequence and KV head, evicting a token is exactly
+                         masking it. It replaces the causal + padding mask built from ``attention_mask``.
+
 Graph outputs
 -------------
 ``logits``               float ``[batch, sequence, vocab]``.
@@ -28,6 +35,12 @@ Graph outputs
                          the current queries, summed over the query rows that are real tokens (padding rows
                          left out), per *query* head. A host-side policy reduces query heads to KV heads
                          itself (``num_heads // num_kv_heads`` per group) and accumulates across steps.
+
+``attn_logits.{i}``      (only with ``--policies``) float ``[batch, num_heads, sequence, past + sequence]``:
+                         the masked attention logits (the softmax input; masked entries at the dtype's most
+                         negative value) of every current query, per *query* head: a host-side policy
+                         derives what it asks for from them (weights, last rows, sums, Keyformer's Gumbel
+                         softmax), as the PyTorch attention function does from its own logits.
 
 Causal rule of injected graphs: query ``i`` of the current chunk (0-based) attends to every past slot
 whose mask is 1 and to current tokens ``j <= i`` whose mask is 1.
@@ -47,6 +60,8 @@ LOGITS = "logits"
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
 ATTN_SCORES_PREFIX = "attn_scores"
+ATTN_LOGITS_PREFIX = "attn_logits"
+SLOT_MASK_PREFIX = "slot_mask"
 
 # symbolic dimension names
 BATCH_DIM = "batch_size"
@@ -66,6 +81,8 @@ META_NUM_HEADS = META_PREFIX + "num_heads"
 META_NUM_KV_HEADS = META_PREFIX + "num_kv_heads"
 META_HEAD_DIM = META_PREFIX + "head_dim"
 META_ATTENTION_STATS = META_PREFIX + "attention_stats"
+#: "1" when the graph takes ``slot_mask.{i}`` inputs and returns ``attn_logits.{i}`` (``--policies``)
+META_POLICIES = META_PREFIX + "policies"
 #: file name and sha256 of the no-cache graph an injected graph was made from (checked before it runs)
 META_SOURCE_FILE = META_PREFIX + "source_file"
 META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
@@ -100,6 +117,16 @@ def present_value(layer: int) -> str:
 def attn_scores(layer: int) -> str:
     """Name of the attention-statistics output of ``layer``: ``attn_scores.{layer}``."""
     return f"{ATTN_SCORES_PREFIX}.{layer}"
+
+
+def attn_logits(layer: int) -> str:
+    """Name of the masked-logits output of ``layer``: ``attn_logits.{layer}``."""
+    return f"{ATTN_LOGITS_PREFIX}.{layer}"
+
+
+def slot_mask(layer: int) -> str:
+    """Name of the per-slot mask input of ``layer``: ``slot_mask.{layer}``."""
+    return f"{SLOT_MASK_PREFIX}.{layer}"
 
 
 def parse_cache_name(name: str) -> tuple[str, int, str] | None:

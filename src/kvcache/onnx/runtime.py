@@ -6,6 +6,11 @@ the PyTorch path), and the cache — a :class:`kvcache.cache.KVCache` built from
 PyTorch, whose layers receive each step's new keys/values (``present[..., -S:, :]``) through ``update`` and
 give the next step its past. So a static layout, its capacity limit and later retention policies behave
 the same on both runtimes.
+
+Retention policies run here too, with the very ``policies/`` code of the PyTorch path, on a graph injected
+with ``--policies`` (:mod:`kvcache.onnx.policy_feed`): the host gives the graph one slot mask per layer
+(slots differ per layer and KV head after eviction) and serves the policy's statistics from the graph's
+attention logits, at the same points of the decode loop as on PyTorch.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from kvcache.cache import KVCache, model_cache_shape
 from kvcache.decoding import StepFunction, decode
 from kvcache.errors import KVCacheError, UnsupportedSpecError
-from kvcache.hooks import DecodeHooks
+from kvcache.hooks import DecodeHooks, chain
+from kvcache.layers.dense import DynamicLayer
 from kvcache.models.load import load_tokenizer
+from kvcache.onnx.inject import sliding_windows
+from kvcache.onnx.policy_feed import observe_layer, slot_masks, wants_logits
 from kvcache.onnx.provenance import check_config_matches
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
 from kvcache.prompts import check_arguments, left_pad, special_tokens, stop_strings
@@ -41,7 +49,8 @@ class OnnxGenerator:
         A directory holding the graph, ``config.json`` and the tokenizer files (as ``kvcache onnx export``
         writes it), or the ``.onnx`` file itself (config and tokenizer are read from its directory).
     cache:
-        Cache spec (``"dynamic"``, ``"static:capacity=512"``, ...), see :mod:`kvcache.spec`.
+        Cache spec (``"dynamic"``, ``"static:capacity=512"``, ``"keyformer:budget=0.5"``, ...), see
+        :mod:`kvcache.spec`. A retention policy needs a graph injected with ``--policies``.
     providers:
         ORT execution providers (default: CPU).
     threads:
@@ -72,15 +81,18 @@ class OnnxGenerator:
         self._directory = directory
         self.spec = CacheSpec.parse(cache)
         self.spec.require_available()
-        if self.spec.policy.name != "full":
-            raise UnsupportedSpecError(
-                f"retention policies ({self.spec.policy.name}) do not run on ONNX Runtime yet: they need the "
-                "graph's attention statistics and per-head masks; run this spec with `kvcache generate`"
-            )
         self.decoder = DecoderSession(graph, providers=providers, threads=threads,
                                       session_options=session_options)
         check_config_matches(self.decoder.signature, config, graph)
+        if self.spec.policy.name != "full" and not self.decoder.signature.has_slot_masks:
+            raise UnsupportedSpecError(
+                f"the retention policy {self.spec.policy.name} needs a graph that takes per-layer slot masks "
+                f"(tokens kept differ per KV head after eviction) and returns its attention logits, which "
+                f"{graph.name} does not; inject it with `kvcache onnx inject MODEL --policies`"
+            )
         self.graph_path = graph
+        num_layers, self._kv_heads, _ = model_cache_shape(config)
+        self._windows = sliding_windows(config, num_layers)
 
     @property
     def tokenizer(self) -> Any:
@@ -127,9 +139,10 @@ class OnnxGenerator:
         -------
         StepOutput
             ``logits`` ``(B, S, V)``, the presents, and ``attn_scores`` when the graph was injected with
-            attention statistics: per layer ``(B, H_q, T_phys + S)``, the scores a host-side retention
-            policy selects tokens by (then calling ``keep`` on the stores, and dropping the same slots from
-            the slot mask it passes here next).
+            attention statistics: per layer ``(B, H_q, T_phys + S)``. A graph injected with ``--policies``
+            attends through slot masks built from the cache's slot positions (``past_mask`` then only sizes
+            the 2-D mask), and the cache's policy receives its statistics from the graph's attention logits
+            (it evicts at the decode driver's hooks, as on PyTorch).
         """
         batch, seq = input_ids.shape
         stores = cache.stores
@@ -138,17 +151,36 @@ class OnnxGenerator:
         if past[0][0].shape[2] != past_mask.shape[1]:
             raise KVCacheError(f"past_mask covers {past_mask.shape[1]} slots but the cache holds "
                                f"{past[0][0].shape[2]}; pass one column per held slot")
-        out = self.decoder.run(input_ids, torch.cat([past_mask, current_mask], dim=1), position_ids, past)
+        masks, want = None, False
+        if self.decoder.signature.has_slot_masks:
+            masks = slot_masks(cache, current_mask.bool(), self._windows, self._kv_heads)
+            want = wants_logits(cache)
+        out = self.decoder.run(input_ids, torch.cat([past_mask, current_mask], dim=1), position_ids, past,
+                               slot_masks=masks, logits_of_attention=want)
+        valid = None if bool(current_mask.all()) else current_mask.bool()
         for i, (k, v) in enumerate(out.presents):
+            store = stores[i]
+            if type(store) is DynamicLayer and cache.observer is None and not store.slots_remapped:
+                # the present is past ++ new, contiguous: the store keeps it, and hands it back whole as the
+                # next past (no copy of the new tokens in, none of the cache out)
+                store.adopt(k, v, valid)
+                continue
             cache.update(k[:, :, -seq:, :], v[:, :, -seq:, :], i)
+            if out.attn_logits is not None:
+                observe_layer(cache, i, out.attn_logits[i], seq)
             cache.attention_reported(i)  # the graph attended with the slot mask passed above
         return out
 
     def _step_function(self, cache: KVCache) -> StepFunction:
         """The step function of :func:`kvcache.decoding.decode`: slot validity read off the cache."""
 
+        slotted = self.decoder.signature.has_slot_masks
+
         def run(input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            past_mask = _past_mask(cache, input_ids.shape[0])
+            batch = input_ids.shape[0]
+            # a graph with slot masks reads only the current columns of the 2-D mask
+            past_mask = (torch.ones(batch, cache.stores[0].physical_length, dtype=torch.long) if slotted
+                         else _past_mask(cache, batch))
             return self.step(cache, input_ids, past_mask, valid.long(), positions).logits[:, -1, :]
 
         return run
@@ -191,6 +223,10 @@ class OnnxGenerator:
         cache = KVCache.from_spec(self.spec, self.config, batch_size=batch,
                                   max_cache_len=prompt_len + max_new_tokens, device="cpu",
                                   dtype=self.decoder.signature.dtype)
+        if cache.policy is not None:
+            cache.policy.start(prompt_lengths=prompt_mask.sum(-1), max_new_tokens=max_new_tokens, seed=seed,
+                               prefill_chunks=-(-prompt_len // prefill_chunk_size))
+            hooks = chain(cache.policy.hooks(), hooks)
         return decode(self._step_function(cache), cache, input_ids, prompt_mask,
                       max_new_tokens=max_new_tokens, sampler=sampler,
                       generator=make_generator(seed, torch.device("cpu")), checker=checker, pad_id=pad_id,

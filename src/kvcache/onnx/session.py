@@ -88,6 +88,9 @@ class GraphSignature:
         The graph takes ``position_ids`` (architectures with learned or rotary positions).
     has_attn_scores:
         The graph returns ``attn_scores.{i}`` (attention statistics for host-side policies).
+    has_slot_masks:
+        The graph takes ``slot_mask.{i}`` per layer and returns ``attn_logits.{i}`` (injected with
+        ``--policies``: it runs retention policies).
     """
 
     num_layers: int
@@ -97,6 +100,7 @@ class GraphSignature:
     dtype: torch.dtype
     has_position_ids: bool
     has_attn_scores: bool
+    has_slot_masks: bool = False
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, source: str = "graph") -> GraphSignature:
@@ -126,7 +130,12 @@ class GraphSignature:
                 f"{source} does not follow the with-past graph contract: missing {', '.join(missing)}; "
                 "see kvcache.onnx.names for the expected inputs and outputs"
             )
-        known = set(expected_in) | {names.POSITION_IDS}
+        slot_masks = [names.slot_mask(i) for i in range(len(layers))]
+        has_slots = all(n in inputs for n in slot_masks)
+        if has_slots and not all(names.attn_logits(i) in outputs for i in range(len(layers))):
+            raise KVCacheError(f"{source} takes slot_mask.{{i}} inputs but lacks attn_logits.{{i}} outputs; "
+                               "inject with `kvcache onnx inject --policies`")
+        known = set(expected_in) | {names.POSITION_IDS} | (set(slot_masks) if has_slots else set())
         unknown = [n for n in inputs if n not in known]
         if unknown:
             raise KVCacheError(f"{source} has inputs the with-past contract does not define: "
@@ -148,6 +157,7 @@ class GraphSignature:
             dtype=_ORT_TO_TORCH[past.type],
             has_position_ids=names.POSITION_IDS in inputs,
             has_attn_scores=has_scores,
+            has_slot_masks=has_slots,
         )
 
 
@@ -163,11 +173,14 @@ class StepOutput:
         Per layer ``(key, value)``, each ``(B, H_kv, past + S, D)``.
     attn_scores:
         Per layer ``(B, H_q, past + S)`` when the graph returns attention statistics, else ``None``.
+    attn_logits:
+        Per layer ``(B, H_q, S, past + S)`` masked logits when they were asked for, else ``None``.
     """
 
     logits: torch.Tensor
     presents: list[tuple[torch.Tensor, torch.Tensor]]
     attn_scores: list[torch.Tensor] | None
+    attn_logits: list[torch.Tensor] | None = None
 
 
 class DecoderSession:
@@ -248,6 +261,8 @@ class DecoderSession:
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None,
         past: list[tuple[torch.Tensor, torch.Tensor]],
+        slot_masks: list[torch.Tensor] | None = None,
+        logits_of_attention: bool = False,
     ) -> StepOutput:
         """Run one step.
 
@@ -261,6 +276,10 @@ class DecoderSession:
             ``(B, S)`` int64 logical positions (ignored when the graph takes none).
         past:
             Per layer ``(key, value)`` of shape ``(B, H_kv, past, D)`` in the graph's cache dtype, on CPU.
+        slot_masks:
+            Per layer ``(B, H_kv, S, past + S)`` bool (True = attend), for graphs that take them.
+        logits_of_attention:
+            Also fetch ``attn_logits.{i}`` (graphs injected with ``--policies``).
         """
         sig = self.signature
         if len(past) != sig.num_layers:
@@ -274,8 +293,19 @@ class DecoderSession:
         for i, (k, v) in enumerate(past):
             for name, tensor in ((names.past_key(i), k), (names.past_value(i), v)):
                 feeds[name] = self._packed(name, tensor)
+        if sig.has_slot_masks:
+            if slot_masks is None:
+                raise KVCacheError("this graph takes slot_mask.{i} inputs (it was injected with --policies); "
+                                   "pass slot_masks")
+            for i, mask in enumerate(slot_masks):
+                feeds[names.slot_mask(i)] = self._packed(names.slot_mask(i), mask)
+        fetch = self._outputs
+        if logits_of_attention:
+            if not sig.has_slot_masks:
+                raise KVCacheError("this graph has no attn_logits.{i} outputs; inject with --policies")
+            fetch = fetch + [names.attn_logits(i) for i in range(sig.num_layers)]
         try:
-            results = self.session.run(self._outputs, feeds)
+            results = self.session.run(fetch, feeds)
         except Exception as exc:
             if type(exc).__name__ != "InvalidArgument":  # ORT's own exception types
                 raise
@@ -284,8 +314,10 @@ class DecoderSession:
         outputs = [torch.from_numpy(o) for o in results]
         n = sig.num_layers
         presents = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(n)]
-        scores = outputs[1 + 2 * n :] if sig.has_attn_scores else None
-        return StepOutput(logits=outputs[0], presents=presents, attn_scores=scores)
+        scores = outputs[1 + 2 * n : 1 + 3 * n] if sig.has_attn_scores else None
+        first = len(self._outputs)
+        attn_logits = outputs[first : first + n] if logits_of_attention else None
+        return StepOutput(logits=outputs[0], presents=presents, attn_scores=scores, attn_logits=attn_logits)
 
 
 
