@@ -190,3 +190,16 @@ def test_check_runs_a_graph_injected_for_policies(onnx_exports):  # noqa: F811
     path = onnx_exports.injected("mistral", "eager", "legacy", policies=True)
     report = check_graph(path.parent / "model.onnx", path, batch=2, prefill=5, steps=3)
     assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("spec", ["int4:group=8,residual=8", "int2:group=4,residual=4",
+                                  "keyformer:budget=0.5+int4:group=8,residual=8",
+                                  "h2o:budget=0.5+int8:group=8,residual=8"])
+def test_bundled_model_quantized_tokens_equal_pytorch(bundled, spec):
+    """The quantized stores are the same host tensors on both runtimes: same tokens, same bytes, with and
+    without a policy, on a left-padded batch (padding dropped as tokens leave the window)."""
+    model, tok, graph_dir = bundled
+    ref = generate(model, tok, PROMPTS, cache=spec, max_new_tokens=NEW_TOKENS, seed=0)
+    ours = OnnxGenerator(graph_dir, cache=spec).generate(PROMPTS, max_new_tokens=NEW_TOKENS, seed=0)
+    assert ours.token_ids == ref.token_ids
+    assert ours.stats.cache_bytes == ref.stats.cache_bytes

@@ -146,15 +146,25 @@ class OnnxGenerator:
         """
         batch, seq = input_ids.shape
         stores = cache.stores
+        for store in stores:
+            # The previous forward is done in every layer: a quantized store quantizes what left its window
+            # now, so the past the graph reads is the layout its new tokens are appended to.
+            store.release()
         stored = [store.keys_values() for store in stores]
         past = self._empty_past(batch) if stored[0] is None else stored
         if past[0][0].shape[2] != past_mask.shape[1]:
             raise KVCacheError(f"past_mask covers {past_mask.shape[1]} slots but the cache holds "
                                f"{past[0][0].shape[2]}; pass one column per held slot")
         masks, want = None, False
+        held = [k.shape[2] for k, _ in past]
         if self.decoder.signature.has_slot_masks:
             masks = slot_masks(cache, current_mask.bool(), self._windows, self._kv_heads)
             want = wants_logits(cache)
+            if len(set(held)) > 1:
+                # Layers hold different slot counts (a quantized store pads its regions per layer): the graph
+                # takes one past length, so shorter layers get empty slots that their masks hide.
+                past, masks = _pad_layers(past, masks, max(held), seq)
+                past_mask = torch.ones(batch, max(held), dtype=torch.long)
         out = self.decoder.run(input_ids, torch.cat([past_mask, current_mask], dim=1), position_ids, past,
                                slot_masks=masks, logits_of_attention=want)
         valid = None if bool(current_mask.all()) else current_mask.bool()
@@ -167,7 +177,10 @@ class OnnxGenerator:
                 continue
             cache.update(k[:, :, -seq:, :], v[:, :, -seq:, :], i)
             if out.attn_logits is not None:
-                observe_layer(cache, i, out.attn_logits[i], seq)
+                logits = out.attn_logits[i]
+                if logits.shape[-1] != held[i] + seq:  # leave out the empty slots added above
+                    logits = torch.cat([logits[..., :held[i]], logits[..., -seq:]], dim=-1)
+                observe_layer(cache, i, logits, seq)
             cache.attention_reported(i)  # the graph attended with the slot mask passed above
         return out
 
@@ -238,6 +251,23 @@ class OnnxGenerator:
         if not (self._directory / "generation_config.json").is_file():
             return None
         return GenerationConfig.from_pretrained(self._directory)
+
+
+def _pad_layers(past: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], length: int,
+                seq: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Every layer's past padded to ``length`` slots (zeros) and its ``(B, H_kv, S, T + S)`` slot mask
+    padded with hidden columns to match, before the new tokens' columns."""
+    padded, padded_masks = [], []
+    for (k, v), mask in zip(past, masks, strict=True):
+        extra = length - k.shape[2]
+        if extra:
+            k = torch.cat([k, k.new_zeros((*k.shape[:2], extra, k.shape[3]))], dim=2)
+            v = torch.cat([v, v.new_zeros((*v.shape[:2], extra, v.shape[3]))], dim=2)
+            hidden = mask.new_zeros((*mask.shape[:3], extra))
+            mask = torch.cat([mask[..., : mask.shape[-1] - seq], hidden, mask[..., -seq:]], dim=-1)
+        padded.append((k, v))
+        padded_masks.append(mask)
+    return padded, padded_masks
 
 
 def _past_mask(cache: KVCache, batch: int) -> torch.Tensor:

@@ -139,8 +139,10 @@ class PolicyRunner:
         layer.keep(indices, invalid)
 
     def _evict_due(self, layer: PolicyLayer) -> bool:
-        """Decode time: the layer has grown ``every`` slots past its budget."""
-        return layer.physical_length >= int(self.budget(layer).max()) + self.policy.every
+        """Decode time: a row of the layer holds ``every`` real tokens past its budget (counted in tokens,
+        not slots: padding and the empty slots a quantized store pads its regions with do not count)."""
+        real = (layer.held_positions() >= 0).sum(-1).amax(-1)  # (B,) most tokens any head of a row holds
+        return bool((real >= self.budget(layer) + self.policy.every).any())
 
     def _after_chunk(self, cache: KVCache) -> None:
         if "prefill" in self.policy.phases and self.policy.streams:
