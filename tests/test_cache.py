@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from kvcache import compat
 from kvcache.cache import KVCache, model_cache_shape
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.layers.dense import DynamicLayer, StaticLayer
+from kvcache.layers.quantized import QuantizedLayer
 from kvcache.models.random import ARCHITECTURES, random_config, random_model
 
 hf_logging.set_verbosity_error()
@@ -241,8 +243,14 @@ def test_from_spec_errors() -> None:
     config = random_config("llama")
     with pytest.raises(KVCacheError, match="capacity=N"):
         KVCache.from_spec("static", config)
+    assert isinstance(KVCache.from_spec("int4", config).stores[0], QuantizedLayer)
     with pytest.raises(UnsupportedSpecError, match="available: .*dynamic"):
-        KVCache.from_spec("int4", config)
+        registry = dict(kvcache.spec.REGISTRY)
+        try:  # a kind that parses but is not built in this version
+            kvcache.spec.REGISTRY["quantized"] = dataclasses.replace(registry["quantized"], available=False)
+            KVCache.from_spec("int4", config)
+        finally:
+            kvcache.spec.REGISTRY.update(registry)
     with pytest.raises(ValueError):
         KVCache.from_spec("dynamc", config)
 

@@ -78,7 +78,7 @@ def test_capacity_finish_reason(model_dir):
     ("args", "needle"),
     [
         (["-c", "stattic"], "stattic"),
-        (["-c", "h2o:budget=0.5+int4"], "not available"),
+        (["-c", "h2o:budget=0.5+quantized:bits=3"], "bits must be 2, 4 or 8"),
         (["-m", "/no/such/model/dir"], "does not exist"),
         (["-c", "static:capacity=3"], "cache slots"),
         (["--top-p", "1.5"], "top_p"),
