@@ -100,8 +100,10 @@ def estimate_bytes(config: Any, spec: Any, *, batch: int, prompt_len: int, max_n
     elif _is_static(spec) or not _bounded_by_policy(spec):
         length, knob = total, "max_new_tokens (--max-new-tokens)"
     else:
-        # A retention policy holds at most the prompt (while it is prefilled) and then its budget.
-        length, knob = prompt_len, "max_new_tokens (--max-new-tokens)"
+        # A retention policy holds at most the prompt (while it is prefilled) and then its budget, which a
+        # floor (min_tokens) may raise above the prompt while decoding.
+        floor = getattr(spec.policy, "params", {}).get("min_tokens") or 0
+        length, knob = max(prompt_len, min(total, floor)), "max_new_tokens (--max-new-tokens)"
     # the decode loop's attention mask spans every position (and every slot of a static cache), int64
     mask = batch * max(total, capacity or 0) * 8
     return per_token * length + mask, knob
