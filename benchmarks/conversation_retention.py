@@ -54,7 +54,8 @@ def held_share(chat: Any, positions: torch.Tensor) -> float:
 
 def run(specs: list[str], n: int, turns: int, turn_tokens: int) -> dict[str, Any]:
     model, tokenizer = load("default")
-    settings = PromptSettings(conversation_n=n, conversation_turns=turns, conversation_turn_tokens=turn_tokens)
+    settings = PromptSettings(conversation_n=n, conversation_turns=turns,
+                              conversation_turn_tokens=turn_tokens)
     prompts = build_prompts(tokenizer, settings, ["conversation"])
     job = build_jobs(prompts, ["conversation"], 1)["conversation"]
     eos = model.generation_config.eos_token_id
@@ -77,9 +78,10 @@ def run(specs: list[str], n: int, turns: int, turn_tokens: int) -> dict[str, Any
             traces.append(trace)
         scored = score_conversation(outputs, job["conversations"], tokenizer)
         per_turn = [sum(t[k] for t in traces) / len(traces) for k in range(turns)]
+        details = scored["details"]
         row = {"spec": spec, "n": len(outputs), "carried": scored["score"],
-               "reread": scored["details"]["reread_accuracy"], "tokens_held": scored["details"]["tokens_held"],
-               "tokens_seen": scored["details"]["tokens_seen"], "key_held_per_turn": per_turn,
+               "reread": details["reread_accuracy"], "tokens_held": details["tokens_held"],
+               "tokens_seen": details["tokens_seen"], "key_held_per_turn": per_turn,
                "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(f"{spec:<40} carried {row['carried']:6.1%}  re-read {row['reread']:6.1%}  "

@@ -36,11 +36,13 @@ GRAMMAR: dict[str, tuple[str, dict[str, object]]] = {
                              "tau": (1.0, 2.0)}),
     "h2o": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "window": 0.1}),
     "streaming": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "sinks": 4}),
-    "snapkv": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "observe": 32}),
+    "snapkv": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "observe": 32,
+                          "remember": 0}),
     "tova": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1}),
     "knorm": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1}),
     "keydiff": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1}),
-    "diffsnap": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "observe": 16}),
+    "diffsnap": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "observe": 16,
+                            "remember": 0}),
 }
 BUILT = {"dynamic", "static", "quantized", "full", "keyformer", "h2o", "streaming", "snapkv", "tova", "knorm",
          "keydiff", "diffsnap"}
@@ -243,6 +245,7 @@ _VALUES = {
     "tau": st.tuples(st.floats(1e-6, 100), st.floats(1e-6, 100)),
     "sinks": st.integers(0, 64),
     "observe": st.integers(1, 1024),
+    "remember": st.sampled_from([0, 1]),
     "every": st.integers(1, 64),
 }
 
@@ -375,6 +378,7 @@ _OUT_OF_RANGE = {
     "tau": st.sampled_from(["0", "0-1", "1-0", "-1", "1-2-3", "a-b", "1--2", "inf-2"]),
     "sinks": st.sampled_from(["-1", "1.5", "four"]),
     "observe": st.sampled_from(["0", "-2", "3.5"]),
+    "remember": st.sampled_from(["2", "-1", "0.5", "yes"]),
     "every": st.sampled_from(["0", "-3", "2.5", "often"]),
 }
 

@@ -1,5 +1,6 @@
-"""A policy's budget across the turns of a conversation: a fraction of everything seen, held at every turn
-(not re-applied to what the last turn kept), and the ``min_tokens`` floor that defers the first evictions."""
+"""Policies across the turns of a conversation: the budget is a fraction of everything seen, held at every
+turn (not re-applied to what the last turn kept); the ``min_tokens`` floor defers the first evictions;
+SnapKV's ``remember=1`` keeps earlier turns' votes."""
 
 from __future__ import annotations
 
@@ -98,3 +99,44 @@ def test_memory_estimate_counts_the_floor(model):
                               dtype=torch.float32)[0]
 
     assert estimate("h2o:budget=0.5") < estimate("h2o:budget=0.5,min_tokens=50") < estimate("full")
+
+
+def held_scores(chat: Chat) -> list[dict[tuple[int, int], float]]:
+    """Per layer: ``(KV head, position) -> running score`` of every held slot."""
+    out = []
+    for store in chat.cache.stores:
+        pos = store.positions[0, :, : store.physical_length]
+        out.append({(h, int(p)): float(store.scores[0, h, i]) for h in range(pos.shape[0])
+                    for i, p in enumerate(pos[h].tolist())})
+    return out
+
+
+@pytest.mark.parametrize("name", ["snapkv", "diffsnap"])
+def test_remember_keeps_the_largest_vote_of_any_turn(model, tokenizer, name):
+    drops = {}
+    for remember in (0, 1):
+        chat = Chat(model, tokenizer, f"{name}:budget=0.6,observe=4,remember={remember}", max_new_tokens=NEW,
+                    stop=[])
+        chat.send(MESSAGES[1])
+        before = held_scores(chat)
+        chat.send(MESSAGES[2])
+        after = held_scores(chat)
+        kept = [(b[k], a[k]) for b, a in zip(before, after, strict=True) for k in b if k in a]
+        assert kept, "some slots should survive the second turn"
+        drops[remember] = sum(new < old - 1e-6 for old, new in kept)
+    assert drops[1] == 0  # a vote, once given, stays
+    assert drops[0] > 0  # (the latest window alone votes: earlier votes are replaced)
+
+
+def test_remember_scores_one_prompt_as_snapkv_whatever_its_chunks(model, tokenizer):
+    ids = torch.randint(3, TINY_VOCAB_SIZE, (1, 40), generator=torch.Generator().manual_seed(2)).tolist()[0]
+    held = {}
+    for remember in (0, 1):
+        for chunk in (8, 512):
+            chat = Chat(model, tokenizer, f"snapkv:budget=0.5,observe=4,remember={remember}",
+                        max_new_tokens=1, stop=[], prefill_chunk_size=chunk)
+            chat._run(ids, 1, None, role="user")
+            held[remember, chunk] = [s.positions[..., : s.physical_length].sort(-1).values
+                                     for s in chat.cache.stores]
+    for key in held:  # the selection is made on the last chunk's window, as SnapKV's
+        assert all(torch.equal(a, b) for a, b in zip(held[0, 512], held[key], strict=True)), key
