@@ -32,14 +32,17 @@ GRAMMAR: dict[str, tuple[str, dict[str, object]]] = {
     "quantized": ("precision", {"bits": 4, "group": 64, "residual": 128}),
     "offload": ("placement", {}),
     "full": ("policy", {}),
-    "keyformer": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "window": 0.3, "tau": (1.0, 2.0)}),
-    "h2o": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "window": 0.1}),
-    "streaming": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "sinks": 4}),
-    "snapkv": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "observe": 32}),
-    "tova": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
-    "knorm": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
-    "keydiff": ("policy", {"budget": 0.5, "tokens": None, "every": 1}),
-    "diffsnap": ("policy", {"budget": 0.5, "tokens": None, "every": 1, "observe": 16}),
+    "keyformer": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "window": 0.3,
+                             "tau": (1.0, 2.0)}),
+    "h2o": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "window": 0.1}),
+    "streaming": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "sinks": 4}),
+    "snapkv": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "observe": 32,
+                          "remember": 0}),
+    "tova": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1}),
+    "knorm": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1}),
+    "keydiff": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1}),
+    "diffsnap": ("policy", {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "observe": 16,
+                            "remember": 0}),
 }
 BUILT = {"dynamic", "static", "quantized", "full", "keyformer", "h2o", "streaming", "snapkv", "tova", "knorm",
          "keydiff", "diffsnap", "offload"}
@@ -90,15 +93,17 @@ def test_documented_examples(text: str, canonical: str) -> None:
 def test_example_values() -> None:
     s = CacheSpec.parse("h2o:budget=0.25+int4")
     assert (s.layout.name, s.policy.name, s.placement) == ("dynamic", "h2o", None)
-    assert dict(s.policy.params) == {"budget": 0.25, "tokens": None, "every": 1, "window": 0.1}
+    assert dict(s.policy.params) == {"budget": 0.25, "tokens": None, "min_tokens": None, "every": 1,
+                                     "window": 0.1}
     assert dict(s.precision.params) == {"bits": 4, "group": 64, "residual": 128}
     k = CacheSpec.parse("keyformer:budget=0.5").policy
-    assert dict(k.params) == {"budget": 0.5, "tokens": None, "every": 1, "window": 0.3, "tau": (1.0, 2.0)}
+    assert dict(k.params) == {"budget": 0.5, "tokens": None, "min_tokens": None, "every": 1, "window": 0.3,
+                              "tau": (1.0, 2.0)}
     assert dict(CacheSpec.parse("static:capacity=4096").layout.params) == {"capacity": 4096}
     assert CacheSpec.parse("static").layout.params["capacity"] is None
     # an absolute cap replaces the default fraction
     capped = CacheSpec.parse("h2o:tokens=100").policy.params
-    assert dict(capped) == {"budget": None, "tokens": 100, "every": 1, "window": 0.1}
+    assert dict(capped) == {"budget": None, "tokens": 100, "min_tokens": None, "every": 1, "window": 0.1}
     # exponents are fine in values, even inside a tau range
     assert CacheSpec.parse("keyformer:tau=1e-3-2").policy.params["tau"] == (0.001, 2.0)
     assert CacheSpec.parse("knorm:budget=5e-1").policy.params["budget"] == 0.5
@@ -142,7 +147,7 @@ def test_default_spec_and_value_semantics() -> None:
 
 def test_direct_construction_validates_and_fills_defaults() -> None:
     part = SpecPart("policy", "h2o", {"budget": 1})
-    assert dict(part.params) == {"budget": 1.0, "tokens": None, "every": 1, "window": 0.1}
+    assert dict(part.params) == {"budget": 1.0, "tokens": None, "min_tokens": None, "every": 1, "window": 0.1}
     assert CacheSpec(policy=part) == CacheSpec.parse("h2o:budget=1")
     # numbers of other types (numpy, lists from JSON) are normalised so equality and hashing work
     static8 = SpecPart("layout", "static", {"capacity": np.int64(8)})
@@ -181,7 +186,8 @@ def test_availability(monkeypatch) -> None:
     ("text", "needles"),
     [
         ("keyfromer:budget=0.5", ["'keyfromer'", "did you mean 'keyformer'", "policies: full, keyformer"]),
-        ("h2o:windw=0.1", ["'windw'", "did you mean 'window'", "valid keys: budget, tokens, every, window"]),
+        ("h2o:windw=0.1", ["'windw'", "did you mean 'window'",
+                           "valid keys: budget, tokens, min_tokens, every, window"]),
         ("int4+int8", ["two precisions", "'int4'", "'int8'"]),
         ("h2o+keyformer", ["two policies", "'keyformer'"]),
         ("offloaded_static+offload", ["two placements", "'offload'"]),
@@ -235,10 +241,12 @@ _VALUES = {
     "residual": st.integers(0, 4096),
     "budget": _unit,
     "tokens": st.integers(1, 1 << 20),
+    "min_tokens": st.integers(1, 1 << 20),
     "window": st.floats(0, 1, exclude_max=True),
     "tau": st.tuples(st.floats(1e-6, 100), st.floats(1e-6, 100)),
     "sinks": st.integers(0, 64),
     "observe": st.integers(1, 1024),
+    "remember": st.sampled_from([0, 1]),
     "every": st.integers(1, 64),
 }
 
@@ -255,6 +263,7 @@ def _typed_part(draw: st.DrawFn, kind: str) -> tuple[SpecPart, str]:
     chosen = draw(st.lists(st.sampled_from(keys), unique=True)) if keys else []
     if "budget" in chosen and draw(st.booleans()):
         chosen[chosen.index("budget")] = "tokens"
+        chosen = [k for k in chosen if k != "min_tokens"]  # a floor under a fraction only
     params = {k: draw(_VALUES[k]) for k in chosen}
     if name == "streaming" and "tokens" in params:
         params["tokens"] = max(params["tokens"], params.get("sinks", 4) + 1)
@@ -286,7 +295,9 @@ def _spec(draw: st.DrawFn) -> tuple[CacheSpec, dict[str, str]]:
             parts[kind], texts[kind] = draw(_typed_part(kind))
     capacity = parts["layout"].params.get("capacity") if "layout" in parts else None
     tokens = parts["policy"].params.get("tokens") if "policy" in parts else None
+    floor = parts["policy"].params.get("min_tokens") if "policy" in parts else None
     assume(capacity is None or tokens is None or tokens <= capacity)  # the combination rule, tested apart
+    assume(capacity is None or floor is None or floor <= capacity)
     if not texts:
         texts["layout"] = "dynamic"
     return CacheSpec(**parts), texts
@@ -363,10 +374,12 @@ _OUT_OF_RANGE = {
         st.sampled_from(["0", "0.0", "-0.25", "nan", "inf", "1e9", "fifty"]),
     ),
     "tokens": st.sampled_from(["0", "-5", "1.5", "all"]),
+    "min_tokens": st.sampled_from(["0", "-5", "1.5", "some"]),
     "window": st.one_of(st.floats(1, 1e6).map(repr), st.sampled_from(["-0.1", "nan"])),
     "tau": st.sampled_from(["0", "0-1", "1-0", "-1", "1-2-3", "a-b", "1--2", "inf-2"]),
     "sinks": st.sampled_from(["-1", "1.5", "four"]),
     "observe": st.sampled_from(["0", "-2", "3.5"]),
+    "remember": st.sampled_from(["2", "-1", "0.5", "yes"]),
     "every": st.sampled_from(["0", "-3", "2.5", "often"]),
 }
 

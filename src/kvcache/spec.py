@@ -229,6 +229,9 @@ def _fill_params(info: KindInfo, given: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("give either budget (fraction of the prompt) or tokens (absolute cap), not both")
         if given.get("tokens") is not None:
             out["budget"] = None  # an absolute cap replaces the default fraction
+            if given.get("min_tokens") is not None:
+                raise ValueError("min_tokens is a floor under a fractional budget; with tokens=N (an "
+                                 "absolute cap) leave it out")
     if info.validate is not None:
         info.validate(out)
     return out
@@ -401,13 +404,14 @@ class CacheSpec:
 def _check_combination(spec: CacheSpec) -> None:
     """Cross-part rules: what each part's parameters mean for the others (see docs/spec.md, "Budgets")."""
     capacity = spec.layout.params.get("capacity")
-    tokens = spec.policy.params.get("tokens")
-    if capacity is not None and tokens is not None and tokens > capacity:
-        raise SpecError(
-            f"{spec.policy.name}:tokens={tokens} keeps more tokens than static:capacity={capacity} can hold; "
-            f"use capacity >= {tokens} or fewer tokens",
-            str(spec.policy),
-        )
+    for name in ("tokens", "min_tokens"):
+        tokens = spec.policy.params.get(name)
+        if capacity is not None and tokens is not None and tokens > capacity:
+            raise SpecError(
+                f"{spec.policy.name}:{name}={tokens} keeps more tokens than static:capacity={capacity} can "
+                f"hold; use capacity >= {tokens} or a smaller {name}",
+                str(spec.policy),
+            )
 
 
 def _names_of(kind: str) -> str:

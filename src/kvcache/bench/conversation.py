@@ -10,6 +10,7 @@ conversation continues (no ``User:``/``Assistant:`` wrapping), the format the bu
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from kvcache.bench.tasks import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, Filler, _key
@@ -47,8 +48,10 @@ def conversation_examples(filler: Filler, n: int, turns: int, turn_tokens: int,
 
 
 def converse(model: Any, tokenizer: Any, spec: Any, conversation: dict[str, Any], job: dict[str, Any],
-             eos: list[int]) -> dict[str, Any]:
+             eos: list[int], on_turn: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Run one conversation with the cache carried, then re-read its history into a fresh cache.
+
+    ``on_turn`` is called with the :class:`~kvcache.chat.Chat` after each turn (to inspect its cache).
 
     Returns
     -------
@@ -67,9 +70,10 @@ def converse(model: Any, tokenizer: Any, spec: Any, conversation: dict[str, Any]
                 max_cache_len=job["max_cache_len"])
     chat.format = ContinuationFormat()
     turns = conversation["turns"]
-    for text in turns[:-1]:
-        chat.send(text)
-    chat.send(turns[-1], max_new_tokens=job["max_new_tokens"])
+    for k, text in enumerate(turns):
+        chat.send(text, max_new_tokens=job["max_new_tokens"] if k == len(turns) - 1 else None)
+        if on_turn is not None:
+            on_turn(chat)
     last = chat.stats[-1]
     ids = chat.token_ids
     history = ids[: len(ids) - last.new_tokens]

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from kvcache.policies.layer import PolicyLayer
     from kvcache.policies.runner import PolicyRunner
 
-__all__ = ["BUDGET", "EVERY", "POLICY_BASE_PARAMS", "TOKENS", "Policy", "window_param"]
+__all__ = ["BUDGET", "EVERY", "MIN_TOKENS", "POLICY_BASE_PARAMS", "TOKENS", "Policy", "window_param"]
 
 BUDGET = ParamInfo(
     "budget", "float", 0.5, "a fraction in (0, 1]", lambda v: 0 < v <= 1,
@@ -33,12 +33,17 @@ TOKENS = ParamInfo(
     "tokens", "int", None, "a whole number >= 1", lambda v: v >= 1,
     "tokens kept per row, as an absolute cap (replaces budget)",
 )
+MIN_TOKENS = ParamInfo(
+    "min_tokens", "int", None, "a whole number >= 1", lambda v: v >= 1,
+    "a floor under a fractional budget: a row holds at least this many tokens, so nothing is evicted until "
+    "it has seen more (a short prompt, the first turns of a conversation)",
+)
 EVERY = ParamInfo(
     "every", "int", 1, "a whole number >= 1", lambda v: v >= 1,
     "decode steps between evictions: the cache grows to budget + every - 1 in between",
 )
 #: the parameters every policy takes
-POLICY_BASE_PARAMS: tuple[ParamInfo, ...] = (BUDGET, TOKENS, EVERY)
+POLICY_BASE_PARAMS: tuple[ParamInfo, ...] = (BUDGET, TOKENS, MIN_TOKENS, EVERY)
 
 
 def window_param(default: float) -> ParamInfo:
@@ -61,6 +66,8 @@ class Policy:
     ----------
     budget, tokens:
         The per-row budget: a fraction of the row's prompt, or an absolute cap (docs/spec.md, "Budgets").
+    min_tokens:
+        Floor under a fractional budget (``None``: none).
     every:
         Decode steps between evictions.
     """
@@ -79,6 +86,7 @@ class Policy:
 
     budget: float | None = 0.5
     tokens: int | None = None
+    min_tokens: int | None = None
     every: int = 1
 
     @classmethod
@@ -93,11 +101,13 @@ class Policy:
 
     # ----- budget -------------------------------------------------------------------------------------
     def row_budget(self, prompt_tokens: int) -> int:
-        """Slots a row with ``prompt_tokens`` real prompt tokens keeps."""
+        """Slots a row with ``prompt_tokens`` real prompt tokens keeps: ``tokens``, else the ``budget``
+        fraction of them, never below ``min_tokens`` (a row below the floor evicts nothing, and grows to it
+        while decoding before it evicts)."""
         if self.tokens is not None:
             return self.tokens
         assert self.budget is not None
-        return max(1, math.ceil(self.budget * prompt_tokens - 1e-9))
+        return max(1, self.min_tokens or 1, math.ceil(self.budget * prompt_tokens - 1e-9))
 
     def recent(self, budget: torch.Tensor) -> torch.Tensor:
         """``(B,)`` slots of each row's budget reserved for its most recent tokens (none by default)."""

@@ -22,7 +22,7 @@ import torch
 from kvcache.params import ParamInfo
 from kvcache.policies.base import POLICY_BASE_PARAMS, Policy
 from kvcache.policies.keydiff import dissimilarity
-from kvcache.policies.snapkv import OBSERVE, SnapKV
+from kvcache.policies.snapkv import OBSERVE, REMEMBER, SnapKV
 
 if TYPE_CHECKING:
     from kvcache.policies.layer import PolicyLayer
@@ -46,7 +46,7 @@ class DiffSnap(SnapKV):
     description: ClassVar[str] = (
         "KeyDiff's most distinctive keys + SnapKV's most attended keys (kvcache's own)"
     )
-    params: ClassVar[tuple[ParamInfo, ...]] = (*POLICY_BASE_PARAMS, replace(OBSERVE, default=16))
+    params: ClassVar[tuple[ParamInfo, ...]] = (*POLICY_BASE_PARAMS, replace(OBSERVE, default=16), REMEMBER)
     streams: ClassVar[bool] = False
 
     observe: int = 16

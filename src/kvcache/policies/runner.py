@@ -97,6 +97,12 @@ class PolicyRunner:
         return DecodeHooks(after_prefill_chunk=self._after_chunk, after_prefill=self._after_prefill,
                            after_step=self._after_step)
 
+    @property
+    def last_prefill_chunk(self) -> bool:
+        """The forward running now is the prefill's last (the end of the prompt); True when the driver did
+        not say how many forwards the prefill takes."""
+        return self._prefill_chunks is None or self._chunk >= self._prefill_chunks - 1
+
     def random(self, device: torch.device) -> torch.Generator:
         """The seeded random generator on ``device`` (same seed, same draws, same tokens)."""
         if self.generator is None or self.generator.device != device:
