@@ -44,6 +44,9 @@ def chat_command(
     seed: opts.SeedOption = None,
     device: str | None = typer.Option(None, "--device", help="Torch device: cpu (default), cuda, ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: model's)."),
+    threads: int | None = typer.Option(None, "--threads", min=1,
+                                       help="CPU threads (default: 1 for models under 100M parameters, "
+                                            "else torch's default)."),
 ) -> None:
     """Chat with a model; each turn reads only its new tokens on top of the kept cache."""
     from transformers.utils import logging as transformers_logging
@@ -52,12 +55,14 @@ def chat_command(
     from kvcache.models import load
     from kvcache.sampling import Sampler
     from kvcache.spec import CacheSpec
+    from kvcache.threads import choose_threads
 
     transformers_logging.disable_progress_bar()
     if cache is not None:
         CacheSpec.parse(cache).require_available()
     Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
     lm, tokenizer = load(model, device=device, dtype=dtype)
+    choose_threads(lm, threads)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if resume:
         chat = Chat.load(resume, lm, tokenizer, cache=cache, max_new_tokens=max_new_tokens, **sampling)

@@ -87,6 +87,9 @@ def generate_command(
                                          help="Progress bar on stderr (default: long runs in a terminal)."),
     fallback: opts.FallbackOption = None,
     max_cache_memory: opts.MaxCacheMemoryOption = None,
+    threads: int | None = typer.Option(None, "--threads", min=1,
+                                       help="CPU threads (default: 1 for models under 100M parameters, "
+                                            "else torch's default)."),
     json_output: opts.JsonOption = False,
 ) -> None:
     """Generate a continuation of PROMPT: text to stdout, one line of stats to stderr."""
@@ -94,6 +97,7 @@ def generate_command(
 
     from kvcache.generation import generate
     from kvcache.models import load
+    from kvcache.threads import choose_threads
 
     # stderr carries one line of stats; transformers' weight-loading bar would only add noise there.
     transformers_logging.disable_progress_bar()
@@ -101,6 +105,7 @@ def generate_command(
     spec = opts.check_generation_options(prompt, cache, temperature, top_k, top_p)
     fallback_specs, limit = opts.check_fallback_options(fallback, max_cache_memory)
     lm, tokenizer = load(model, device=device, dtype=dtype)
+    choose_threads(lm, threads)
     result = generate(lm, tokenizer, prompt, cache=spec, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop or None,
                       progress=progress, fallback=fallback_specs, max_cache_memory=limit)
