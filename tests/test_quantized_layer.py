@@ -258,3 +258,27 @@ def test_bytes_at_4096_tokens_against_the_dense_store(bits: int, limit: float, h
     predicted = estimate_store(CacheSpec.parse(f"int{bits}"), shape, 4096).total
     assert predicted <= quant.nbytes() <= predicted * 1.04
     assert dense_bytes <= dense.nbytes() <= dense_bytes * 1.3
+
+
+def test_padding_never_piles_up_in_a_padded_batch() -> None:
+    """Rows of a left-padded batch send tokens to the quantized region at different steps; the slots that
+    pad the shorter rows are squeezed out again, so the store stays as long as its fullest row (+ a group)."""
+    layer = QuantizedLayer(4, group=8, residual=8)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(2, H, 40, D, generator=g)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :30] = False  # row 1: 30 pads, 10 tokens
+    layer.update(prompt, prompt, valid)
+    layer.release()
+    for _ in range(256):
+        step = torch.randn(2, H, 1, D, generator=g)
+        layer.update(step, step)
+        layer.release()
+    real = (layer.positions >= 0).sum(-1)
+    assert int(real.max()) == 40 + 256 and int(real.min()) == 10 + 256
+    assert layer.physical_length <= int(real.max()) + layer.group
+    # each row holds each of its tokens exactly once
+    for row in range(2):
+        pos = layer.positions[row, 0]
+        kept = pos[pos >= 0].sort().values
+        assert torch.equal(kept, torch.arange(296 - kept.numel(), 296, dtype=kept.dtype))

@@ -235,9 +235,32 @@ class QuantizedLayer(CacheLayer):
             q = self._q_len
             moved = torch.cat([torch.arange(q, device=pos.device).expand(*pos.shape[:2], q), q_idx + q,
                                stay + q], dim=-1)
-            self._relayout = moved if self._relayout is None else self._relayout.gather(-1, moved)
         self._append_quantized(q_idx, filler, n)
         self._keep_window(stay, r_pad)
+        if q_idx is not None:
+            # Rows that sent fewer tokens than the longest were padded: squeeze the padding out again, so
+            # it never piles up over many flushes (the region stays as long as its fullest row).
+            squeezed = self._compact_quantized()
+            if squeezed is not None:
+                moved = moved.gather(-1, squeezed)
+            self._relayout = moved if self._relayout is None else self._relayout.gather(-1, moved)
+
+    def _compact_quantized(self) -> torch.Tensor | None:
+        """Drop the quantized slots that hold no token (fillers, slots given up), each row and head keeping
+        its tokens in order; the region becomes as long as the row with most. Returns the move (new slot ->
+        old slot, window included) or ``None`` when there was nothing to drop."""
+        q = self._q_len
+        real = self._q_pos[:, :, :q] >= 0
+        count = real.sum(-1, keepdim=True)
+        keep = max(int(count.max()), 1)
+        if keep >= q:
+            return None
+        order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)[..., :keep]
+        pad = torch.arange(keep, device=order.device) >= count
+        self._keep_quantized(order, pad, self._q_pos[:, :, :q])
+        window = torch.arange(q, q + self._r_len, device=order.device).expand(*order.shape[:2], -1)
+        self._positions = None
+        return torch.cat([order, window], dim=-1)
 
     def take_relayout(self) -> torch.Tensor | None:
         order, self._relayout = self._relayout, None
