@@ -203,6 +203,36 @@ def compare(rows: list[dict[str, Any]], dense_agreement: int, dense_passkey: int
         r["passkey_bytes_vs_dense"] = r["passkey_cache_bytes"] / dense_passkey
 
 
+@torch.inference_mode()
+def dense_margins(model: Any, prompts: list[list[int]], tokens: list[list[int]],
+                  batch_size: int) -> list[list[float]]:
+    """Top-1 minus top-2 logit of every greedy step along the dense path (teacher-forced, one forward per
+    batch): where it is tiny, any perturbation of the cache may flip the greedy token."""
+    out: list[list[float]] = []
+    for i in range(0, len(prompts), batch_size):
+        seq = torch.tensor([p + t for p, t in zip(prompts[i:i + batch_size], tokens[i:i + batch_size],
+                                                  strict=True)])
+        n = len(tokens[i])
+        logits = model(input_ids=seq).logits[:, seq.shape[1] - n - 1:-1].float()
+        top = logits.topk(2, dim=-1).values
+        out += (top[..., 0] - top[..., 1]).tolist()
+    return out
+
+
+def near_ties(rows: list[dict[str, Any]], margins: list[list[float]]) -> None:
+    """For every row, the dense path's margin at the step where the row first leaves it (``None`` where it
+    never does), in place; and for the dense row, each prompt's smallest margin."""
+    for r in rows:
+        if "first_divergence_vs_full" in r:
+            r["dense_margin_at_divergence"] = [None if d is None else m[d]
+                                               for d, m in zip(r["first_divergence_vs_full"], margins,
+                                                               strict=True)]
+        if r["label"] == "full":
+            r["dense_min_margin"] = [min(m) for m in margins]
+            flat = sorted(x for m in margins for x in m)
+            r["dense_median_margin"] = flat[len(flat) // 2]
+
+
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
@@ -231,6 +261,8 @@ def run(n: int, prompt_tokens: int, new_tokens: int, context: int, specs: Sequen
     first_len = len(tokenizer(examples[0].prompt)["input_ids"])
     compare(rows, per_token * n * (prompt_tokens + new_tokens - 1),
             per_token * (first_len + ANSWER_TOKENS - 1))
+    full = next(r for r in rows if r["label"] == "full")
+    near_ties(rows, dense_margins(model, prompts, full["tokens"], batch_size))
     return {"prompts": n, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "context": context,
             "group": GROUP, "residual": RESIDUAL, "batch_size": batch_size,
             "threads": torch.get_num_threads(),
@@ -260,6 +292,13 @@ def table(report: dict[str, Any]) -> str:
         v = at["int8"]["identical_vs_full"]
         verdict = "met" if v >= 0.95 else "not met"
         notes.append(f"int8 identical greedy output: {_pct(v)} (goal >= 95%: {verdict})")
+        at_div = [m for m in at["int8"].get("dense_margin_at_divergence", []) if m is not None]
+        if at_div and "dense_median_margin" in at["full"]:
+            notes.append(f"int8 leaves the dense path where the dense top-2 logit margin is "
+                         f"{min(at_div):.4f}-{max(at_div):.4f} (median over all dense steps: "
+                         f"{at['full']['dense_median_margin']:.2f}); "
+                         f"{sum(m < 0.05 for m in at['full']['dense_min_margin'])} of {report['prompts']} "
+                         "dense paths have a step with a margin below 0.05")
     if "error" not in at.get("int4", {"error": 1}):
         d = 100 * (at["int4"]["passkey"] - at["full"]["passkey"])
         verdict = "met" if abs(d) <= 2 else "not met"
