@@ -118,7 +118,7 @@ class HFRow:
         config = copy.deepcopy(self.model.generation_config)
         config.max_new_tokens, config.do_sample = new_tokens, False
         if not eos:
-            config.eos_token_id = None
+            config.eos_token_id = []  # None would fall back to the model's end-of-sequence token
         cache = self._cache()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache,
