@@ -127,3 +127,21 @@ def test_the_cli_runs_a_quantized_spec() -> None:
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["cache"] == spec and payload["stats"]["new_tokens"] == 24
+
+
+def test_a_policy_selects_the_prompt_before_it_is_quantized_in_every_layer(llama, tokenizer) -> None:
+    """Each layer is brought to its budget while its prompt is still full precision (the last one too,
+    when its attention is done), so the kept tokens are those of the same policy on a dense cache."""
+    from kvcache.hooks import DecodeHooks
+
+    held: dict[str, list[torch.Tensor]] = {}
+    for spec in ("keydiff:budget=0.5", f"keydiff:budget=0.5+int2:{SMALL}"):
+        def snap(cache, spec=spec):
+            held[spec] = [s.positions[:, :, :s.physical_length].clone() for s in cache.stores]
+        generate(llama, tokenizer, PROMPTS, cache=spec, max_new_tokens=2, eos_token_id=[],
+                 hooks=DecodeHooks(after_prefill=snap))
+    for dense, quant in zip(*held.values(), strict=True):
+        for b in range(dense.shape[0]):
+            for h in range(dense.shape[1]):
+                d, q = dense[b, h], quant[b, h]
+                assert torch.equal(d[d >= 0].sort().values, q[q >= 0].sort().values)

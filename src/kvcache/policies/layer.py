@@ -57,6 +57,8 @@ class PolicyLayer(LayerWrapper):
         return out
 
     def release(self) -> None:
+        if self.runner is not None:
+            self.runner.before_release(self)
         self.inner.release()
         self._follow(self.inner.take_relayout())
 

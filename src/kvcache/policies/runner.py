@@ -199,6 +199,17 @@ class PolicyRunner:
         if self.phase == "decode":
             self._catch_up(layer)
 
+    def before_release(self, layer: PolicyLayer) -> None:
+        """Called by each layer when its attention is done for the forward, before its store may compact
+        or quantize what it holds: the last layer of a driven prefill is brought to its budget here (the
+        others were, at the next layer's update), so a quantized store quantizes only what is kept."""
+        index = self._layer_index.get(id(layer), 0)
+        if not (self._driven and self.phase == "prefill" and index == len(self.layers) - 1):
+            return
+        last = self._prefill_chunks is not None and self._chunk == self._prefill_chunks - 1
+        if "prefill" in self.policy.phases and (self.policy.streams or last) and layer.physical_length:
+            self.evict(layer)
+
     def _infer_phase(self, new_tokens: int) -> None:
         if self._driven:
             return  # the driver's hooks say when the prompt is in
