@@ -282,3 +282,18 @@ def test_padding_never_piles_up_in_a_padded_batch() -> None:
         pos = layer.positions[row, 0]
         kept = pos[pos >= 0].sort().values
         assert torch.equal(kept, torch.arange(296 - kept.numel(), 296, dtype=kept.dtype))
+
+
+def test_a_small_static_capacity_bounds_the_buffers() -> None:
+    """int4+static:capacity=8 never allocates more slots than 8 (the window would be 192 otherwise)."""
+    shape = LayerShape(num_kv_heads=2, head_dim=D, batch_size=1, max_cache_len=None)
+    spec = CacheSpec.parse("static:capacity=8+int4")
+    store = build_store(spec, shape)
+    for i in range(8):
+        k, v = kv(1, b=1, seed=i)
+        store.update(k[:, :2], v[:, :2])
+        store.release()
+    dense_spec = CacheSpec.parse("static:capacity=8")
+    dense = build_store(dense_spec, shape)
+    assert store.nbytes() <= dense.nbytes() == estimate_store(dense_spec, shape, 8).total
+    assert store.nbytes() == estimate_store(spec, shape, 8).total

@@ -151,6 +151,8 @@ class QuantizedLayer(CacheLayer):
         end = self._r_len + t
         # Growth headroom, but never past the window's own size unless a prompt chunk is larger.
         room = min(end + max(self.min_growth, end // 4), max(end, self.residual + self.group))
+        if self.capacity is not None:  # never more slots than the layer may hold
+            room = min(room, max(end, self.capacity))
         self._r_keys = _grown(self._r_keys, self._r_len, end, key, (dk,), key.dtype, room)
         self._r_values = _grown(self._r_values, self._r_len, end, key, (dv,), value.dtype, room)
         self._r_pos = _grown(self._r_pos, self._r_len, end, key, (), POSITION_DTYPE, room)
@@ -502,7 +504,8 @@ def quantized_bytes(tokens: int, batch: int, heads: int, head_dim: int, dtype: t
     # the window's buffer holds residual + group slots once tokens started leaving it
     window = tokens - quantized if not quantized else residual + group
     if capacity is not None:  # buffers allocated once, a group larger (fillers of ragged rows)
-        quantized, window = capacity + group, residual + group
+        window = min(residual + group, capacity)
+        quantized = capacity + group if capacity >= residual + group else 0  # else nothing leaves the window
     per_quantized = 2 * head_dim * bits // 8 + 2 * (head_dim // value_group) * itemsize + pos
     key_groups = -(-quantized // group) * 2 * head_dim * itemsize
     per_window = 2 * head_dim * itemsize + pos
