@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 
 from kvcache import Chat
 from kvcache.bench.prompts import default_eval_dir, prose_filler
+from kvcache.files import write_text_atomic
 from kvcache.generation import generate_ids
 from kvcache.models import load
 from kvcache.models.corpus import load_eval_split
@@ -96,11 +95,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = run(args.turns, args.new, args.message, args.cache, args.seed)
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from kvcache.bench.conversation import converse, score_conversation
 from kvcache.bench.prompts import PromptSettings, build_jobs, build_prompts
 from kvcache.bench.tasks import PASSKEY_INTRO
+from kvcache.files import write_text_atomic
 from kvcache.models import load
 
 
@@ -105,10 +104,7 @@ def main() -> None:
     result = run(args.specs, args.n, args.turns, args.turn_tokens)
     result["command"] = "python benchmarks/conversation_retention.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items())
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent if str(args.out.parent) else ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from rich.progress import Progress
 
 from kvcache.bench.accuracy import retrieval_accuracy
 from kvcache.bench.prompts import default_eval_dir, prose_filler, retrieval_examples
+from kvcache.files import write_text_atomic
 from kvcache.generation import generate
 from kvcache.models import load
 from kvcache.models.corpus import load_eval_split
@@ -103,14 +102,6 @@ def table(report: dict[str, Any], budgets: tuple[float, ...]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,9 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = table(report, budgets)
     print(text)
     if args.json:
-        _write(args.json, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        _write(args.markdown, text + "\n")
+        write_text_atomic(args.markdown, text + "\n")
     return report
 
 

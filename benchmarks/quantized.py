@@ -26,10 +26,8 @@ import argparse
 import importlib.util
 import inspect
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import transformers
 from transformers.cache_utils import Cache, QuantizedCache
 
 from kvcache.cache import KVCache
+from kvcache.files import write_text_atomic
 from kvcache.models.random import random_model
 
 FULL_MODEL = dict(num_layers=8, hidden=512, num_heads=8, num_kv_heads=2, vocab_size=8192,
@@ -193,10 +192,7 @@ def main() -> None:
         result = run(args.contexts, args.steps, args.repeats, FULL_MODEL, quick=False)
     print(table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.json.parent, delete=False, suffix=".tmp") as f:
-            json.dump(result, f, indent=1)
-        os.replace(f.name, args.json)
+        write_text_atomic(args.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +40,7 @@ from kvcache.bench.loop import cache_bytes
 from kvcache.bench.metrics import prefix_agreement
 from kvcache.bench.prompts import ANSWER_TOKENS, default_eval_dir, prose_filler, retrieval_examples
 from kvcache.bench.tasks import TaskExample, is_correct
+from kvcache.files import write_text_atomic
 from kvcache.generation import generate, generate_ids
 from kvcache.models import load
 from kvcache.models.corpus import load_eval_split
@@ -312,14 +311,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,9 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = table(report)
     print(text)
     if args.json:
-        _write(args.json, json.dumps(report) + "\n")
+        write_text_atomic(args.json, json.dumps(report) + "\n")
     if args.markdown:
-        _write(args.markdown, text + "\n")
+        write_text_atomic(args.markdown, text + "\n")
     return report
 
 

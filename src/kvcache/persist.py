@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from kvcache.cache import KVCache, model_cache_shape
 from kvcache.errors import KVCacheError
+from kvcache.files import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "cache_state", "check_fingerprint", "model_fingerprint", "read_file",
            "restore_cache", "write_file"]
@@ -126,15 +126,9 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], m
     if target.is_dir():
         raise KVCacheError(f"{target} is a directory; give a file name such as {target / 'chat.safetensors'}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+    with atomic_write(target) as tmp:
+        save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"format": FORMAT, "version": VERSION, **metadata})
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from kvcache.bench.prompts import ANSWER_TOKENS, PromptSettings, build_prompts
 from kvcache.errors import KVCacheError
+from kvcache.files import write_text_atomic
 
 __all__ = ["LMEVAL_TASKS", "export_lmeval_tasks"]
 
@@ -79,17 +79,6 @@ metric_list:
 metadata:
   version: 1.0
 """
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_lmeval_tasks(
@@ -164,5 +153,5 @@ def export_lmeval_tasks(
                            "them with --force (overwrite=True)")
     root.mkdir(parents=True, exist_ok=True)
     for path, text in files.items():
-        _write_atomic(path, text)
+        write_text_atomic(path, text)
     return list(files)

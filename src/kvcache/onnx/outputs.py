@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from kvcache.errors import KVCacheError
+from kvcache.files import atomic_write
 from kvcache.onnx import names
 
 
@@ -105,26 +105,6 @@ def check_inject_destination(dest: Path, src: Path, *, force: bool) -> None:
     if dest.exists() and not force and not is_injected_graph(dest):
         raise KVCacheError(f"--out {dest} already exists and is not a graph `kvcache onnx inject` wrote; "
                            "give another file name, or pass --force to overwrite it")
-
-
-@contextmanager
-def atomic_write(dest: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside ``dest`` to write; renamed onto ``dest`` when the block ends without error.
-
-    On any error (including an interrupt) the temporary file is removed and ``dest`` is left as it was.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def copy_atomic(src: Path, dest: Path, copy: Callable[[str, str], object] = shutil.copyfile) -> None:
