@@ -70,13 +70,19 @@ def _dynamic(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
     return DynamicLayer(pin_memory=shape.pin_memory)
 
 
-def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
+def _static_capacity(params: Mapping[str, Any], shape: LayerShape, what: str = "a static cache",
+                     example: str = "static:capacity=N") -> int:
+    """The fixed slot count of a ``static`` layout: ``capacity=N``, else the run's ``max_cache_len``."""
     capacity = params.get("capacity") or shape.max_cache_len
     if capacity is None:
         raise KVCacheError(
-            "a static cache needs a capacity: write 'static:capacity=N' or pass max_cache_len=N "
-            "(prompt length + new tokens)"
+            f"{what} needs a capacity: write '{example}' or pass max_cache_len=N (prompt length + new tokens)"
         )
+    return int(capacity)
+
+
+def _static(params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
+    capacity = _static_capacity(params, shape)
     return StaticLayer(capacity, shape.batch_size, shape.num_kv_heads, shape.head_dim, shape.dtype,
                        shape.device, pin_memory=shape.pin_memory)
 
@@ -90,14 +96,14 @@ LAYOUTS: dict[str, LayoutBuilder] = {"dynamic": _dynamic, "static": _static}
 #: layout name -> slots it allocates to hold a number of tokens (a growable layout: the tokens themselves)
 LAYOUT_SLOTS: dict[str, LayoutSlots] = {"dynamic": lambda params, shape, tokens: tokens,
                                         "static": _static_slots}
+
+
 def _quantized(layout: SpecPart, params: Mapping[str, Any], shape: LayerShape) -> CacheLayer:
     # Replaces the layout's store (its slots hold codes now); a static layout gives it a fixed capacity.
     capacity = None
     if layout.name == "static":
-        capacity = layout.params.get("capacity") or shape.max_cache_len
-        if capacity is None:
-            raise KVCacheError("a quantized static cache needs a capacity: write 'static:capacity=N+int4' or "
-                               "pass max_cache_len=N (prompt length + new tokens)")
+        capacity = _static_capacity(layout.params, shape, "a quantized static cache",
+                                    "static:capacity=N+int4")
     return QuantizedLayer(params.get("bits", 4), params.get("group", 64), params.get("residual", 128),
                           capacity=capacity)
 
