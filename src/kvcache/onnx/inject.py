@@ -28,6 +28,7 @@ from kvcache.errors import KVCacheError
 from kvcache.models.random import ARCHITECTURES
 from kvcache.onnx import names, provenance
 from kvcache.onnx.export import NO_POSITION_IDS
+from kvcache.onnx.fold_shapes import fold_shapes
 from kvcache.onnx.graph import Graph, probe_shapes
 from kvcache.onnx.outputs import atomic_write, check_inject_destination, copy_atomic
 from kvcache.onnx.patterns import (
@@ -39,6 +40,7 @@ from kvcache.onnx.patterns import (
     score_path,
 )
 from kvcache.onnx.rewrite_cache import inject_cache
+from kvcache.onnx.rewrite_fused import fuse_attention
 from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits
 from kvcache.onnx.rewrite_positions import rewrite_positions
 from kvcache.onnx.rewrite_sizes import split_mask_sizes
@@ -87,13 +89,22 @@ class KVCacheInjector:
         Make the graph run retention policies on the host: per-layer ``slot_mask.{i}`` inputs replace the
         mask built from ``attention_mask`` (slots differ per layer and KV head after eviction), and
         ``attn_logits.{i}`` outputs give the host the masked logits policies score from.
+    fused:
+        Rewrite every attention layer into ONNX Runtime's fused ``GroupQueryAttention`` op
+        (:mod:`~kvcache.onnx.rewrite_fused`): the fastest graph on ONNX Runtime, whose past and present can
+        share one preallocated buffer. It runs on ONNX Runtime only and serves caches without a retention
+        policy (no ``attention_stats`` or ``policies``).
     """
 
     #: architectures (``config.model_type``) tested end to end; others are attempted with the generic matcher
     supported_models: tuple[str, ...] = ARCHITECTURES
 
     def __init__(self, model_dir: str | os.PathLike[str] | PretrainedConfig, *,
-                 attention_stats: bool = False, policies: bool = False) -> None:
+                 attention_stats: bool = False, policies: bool = False, fused: bool = False) -> None:
+        if fused and (attention_stats or policies):
+            raise KVCacheError("--fused cannot be combined with --attention-stats or --policies: the fused "
+                               "attention op gives no per-slot statistics and takes no per-head slot masks; "
+                               "inject one graph with --fused for full caches and one with --policies")
         if isinstance(model_dir, PretrainedConfig):
             self.config = model_dir
         else:
@@ -110,6 +121,7 @@ class KVCacheInjector:
         self.num_layers, self.num_heads, self.kv_heads, self.head_dims = _geometry(self.config)
         self.attention_stats = attention_stats
         self.policies = policies
+        self.fused = fused
 
     # ----- validation ---------------------------------------------------------------------------------
     def _validate(self, model: onnx.ModelProto) -> None:
@@ -126,13 +138,13 @@ class KVCacheInjector:
                 f"not a decoder graph: expected inputs input_ids and attention_mask and output logits, found "
                 f"inputs {sorted(inputs)} and outputs {sorted(outputs)}; export with `kvcache onnx export`")
 
-    def _sentinels(self) -> tuple[int, int, int]:
-        """Batch and two sequence sizes that no static dimension of the model equals."""
+    def _sentinels(self) -> tuple[int, int, int, int]:
+        """Batch, two sequence sizes and a second batch size that no static dimension of the model equals."""
         taken = {self.num_heads, 1}
         for kv, dim in zip(self.kv_heads, self.head_dims, strict=True):
             taken |= {kv, dim, self.num_heads // kv, self.num_heads * dim, kv * dim}
         primes = [p for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47) if p not in taken]
-        return primes[0], primes[1], primes[2]
+        return primes[0], primes[1], primes[2], primes[3]
 
     # ----- matching -----------------------------------------------------------------------------------
     def find_sites(self, g: Graph, probe: dict, probe2: dict, batch: int, seq: int,
@@ -197,9 +209,13 @@ class KVCacheInjector:
         g = Graph(model)
         if g.opset < 13:
             raise KVCacheError(f"opset {g.opset} is too old for injection; export with opset 14 or newer")
-        batch, seq, seq2 = self._sentinels()
+        batch, seq, seq2, batch2 = self._sentinels()
         probe = probe_shapes(model, batch, seq)
         probe2 = probe_shapes(model, batch, seq2)
+        if self.fused and fold_shapes(g, [probe, probe2, probe_shapes(model, batch2, seq)]):
+            g.prune()
+            probe = probe_shapes(model, batch, seq)
+            probe2 = probe_shapes(model, batch, seq2)
         sites = self.find_sites(g, probe, probe2, batch, seq, seq2)
         self.positions = "input" if names.POSITION_IDS in g.inputs else "none"
         if self.arch not in NO_POSITION_IDS and names.POSITION_IDS not in g.inputs:
@@ -207,8 +223,16 @@ class KVCacheInjector:
             self.positions = rewrite_positions(g, sites, probe, batch, seq, self.arch)
         # before any edit: sizes the exporter read from the mask are split into current/total lengths
         split_mask_sizes(g, sites, probe)
-        builder = MaskBuilder(g, [(kv, self.num_heads) for kv in self.kv_heads] if self.policies else None)
         windows = sliding_windows(self.config, self.num_layers)
+        if self.fused:
+            geometry = [(self.num_heads, kv, dim)
+                        for kv, dim in zip(self.kv_heads, self.head_dims, strict=True)]
+            fuse_attention(g, sites, geometry, windows, probe, probe2, batch, seq, seq2, self.arch)
+            g.prune()
+            g.sort()
+            self._finish_io(model, sites, probe)
+            return model
+        builder = MaskBuilder(g, [(kv, self.num_heads) for kv in self.kv_heads] if self.policies else None)
         for site in sites:
             inject_cache(g, site, (self.kv_heads[site.layer], self.head_dims[site.layer]), probe, probe2, seq,
                          seq2, self.arch)
@@ -253,6 +277,7 @@ class KVCacheInjector:
             names.META_ATTENTION_STATS: "1" if self.attention_stats else "0",
             names.META_POLICIES: "1" if self.policies else "0",
             names.META_POSITIONS: self.positions,
+            names.META_FUSED: "1" if self.fused else "0",
         }
         kept = [p for p in model.metadata_props if p.key not in meta]
         del model.metadata_props[:]
@@ -280,7 +305,8 @@ def _resolve(path: Path) -> tuple[Path, Path]:
 
 
 def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                attention_stats: bool = False, policies: bool = False, force: bool = False) -> Path:
+                attention_stats: bool = False, policies: bool = False, fused: bool = False,
+                force: bool = False) -> Path:
     """Inject a KV cache into the graph at ``path`` and write it atomically.
 
     Parameters
@@ -292,7 +318,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
         beside the input. Written to a temporary file first, then moved in place with ``os.replace``.
         When ``out`` is in another directory, the external-data, config and tokenizer files it needs are
         copied beside it (files already there are never replaced; a different weights file is refused).
-    attention_stats, policies:
+    attention_stats, policies, fused:
         See :class:`KVCacheInjector`.
     force:
         Overwrite an existing ``out`` that is not a graph this function wrote, or the input itself when
@@ -310,7 +336,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
         dest = dest / (src.stem + "_kvcache.onnx")
     if not (force and dest.exists() and dest.resolve() == src.resolve()):
         check_inject_destination(dest, src, force=force)
-    injector = KVCacheInjector(model_dir, attention_stats=attention_stats, policies=policies)
+    injector = KVCacheInjector(model_dir, attention_stats=attention_stats, policies=policies, fused=fused)
     try:
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: the file is not an ONNX model

@@ -83,6 +83,9 @@ META_HEAD_DIM = META_PREFIX + "head_dim"
 META_ATTENTION_STATS = META_PREFIX + "attention_stats"
 #: "1" when the graph takes ``slot_mask.{i}`` inputs and returns ``attn_logits.{i}`` (``--policies``)
 META_POLICIES = META_PREFIX + "policies"
+#: "1" when every attention layer is ONNX Runtime's fused ``GroupQueryAttention`` (``--fused``): past and
+#: present may then share one preallocated buffer (:mod:`kvcache.onnx.rewrite_fused`)
+META_FUSED = META_PREFIX + "fused"
 #: file name and sha256 of the no-cache graph an injected graph was made from (checked before it runs)
 META_SOURCE_FILE = META_PREFIX + "source_file"
 META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
