@@ -164,6 +164,46 @@ class DynamicLayer(CacheLayer):
         self.seen += end - held
         self._length = end
 
+    def open_slots(self, count: int, key_like: torch.Tensor,
+                   value_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole ``(B, H_kv, capacity, D)`` buffers, grown so that ``count`` slots after the held ones
+        are free, for a runtime that writes the new tokens into them itself (ONNX Runtime's fused attention
+        with past and present sharing one buffer); :meth:`commit_slots` then records them.
+
+        ``key_like``/``value_like`` give batch, heads, head size, dtype and device when the store is empty.
+        """
+        end = self._length + count
+        keys, values = self._keys, self._values
+        if self._length and keys is not None and end <= keys.shape[2] and keys.shape[0] == key_like.shape[0]:
+            return keys, values  # type: ignore[return-value]  # a decode step: room left (the common case)
+        if keys is None or values is None or not self._length:
+            self._length = 0
+            self._grow(key_like, value_like, end)
+        elif _layout(keys, values) != _layout(key_like, value_like):
+            raise KVCacheError(f"keys {tuple(key_like.shape)} do not match the cached {tuple(keys.shape)} in "
+                               "(B, H_kv, *, D); call reset() before a new batch")
+        elif end > keys.shape[2]:
+            self._grow(key_like, value_like, end)
+        assert self._keys is not None and self._values is not None
+        return self._keys, self._values
+
+    def commit_slots(self, count: int, valid: torch.Tensor | None = None) -> None:
+        """Record ``count`` tokens written in place after the held ones (see :meth:`open_slots`); ``valid``
+        as in :meth:`update`."""
+        pos = self._pos
+        if self._keys is None or pos is None or self._length + count > self._keys.shape[2]:
+            raise KVCacheError(f"commit_slots({count}) without open_slots() room for them")
+        if count == 1 and valid is None and pos.device.type == "cpu":
+            pos.numpy()[:, :, self._length] = self.seen  # a decode step on the host: numpy, 5x cheaper
+        elif count == 1 and valid is None:
+            pos[:, :, self._length].fill_(self.seen)
+        else:
+            b, h = pos.shape[:2]
+            pos[:, :, self._length : self._length + count].copy_(
+                new_positions(self.seen, count, valid, b, h, pos.device))
+        self.seen += count
+        self._length += count
+
     @property
     def positions(self) -> torch.Tensor | None:
         if self._pos is None or self._length == 0:
@@ -415,6 +455,48 @@ class StaticLayer(CacheLayer):
         if held == 0:
             return None
         return self._keys[:, :, :held], self._values[:, :, :held]
+
+    def open_slots(self, count: int, key_like: torch.Tensor,
+                   value_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole ``(B, H_kv, capacity, D)`` buffers for a runtime that writes ``count`` new tokens into
+        them itself (see :meth:`DynamicLayer.open_slots`); :meth:`commit_slots` then records them.
+
+        Raises
+        ------
+        CacheCapacityError
+            If ``count`` more tokens do not fit.
+        """
+        held = self._held()
+        if held + count > self.capacity:
+            raise CacheCapacityError(
+                f"static cache overflow: capacity is {self.capacity} tokens, {held} are held and {count} "
+                f"more were requested; use a larger capacity (static:capacity=N with N >= {held + count}) or "
+                "the growable 'dynamic' layout")
+        k_buf = self._keys
+        if (key_like.dtype, key_like.device) != (k_buf.dtype, k_buf.device) \
+                or _layout(key_like, value_like) != _layout(k_buf, self._values):
+            if held or self._evicted:
+                raise KVCacheError(f"keys {tuple(key_like.shape)} {key_like.dtype} do not match the static "
+                                   f"buffers {tuple(k_buf.shape)} {k_buf.dtype}; call reset() before a new "
+                                   "batch")
+            b, h, _, dk = key_like.shape
+            self._allocate(b, h, dk, value_like.shape[3], key_like.dtype, key_like.device)
+        return self._keys, self._values
+
+    def commit_slots(self, count: int, valid: torch.Tensor | None = None) -> None:
+        """Record ``count`` tokens written in place after the held ones (see :meth:`open_slots`)."""
+        held = self._held()
+        if held + count > self.capacity:
+            raise KVCacheError(f"commit_slots({count}) without open_slots() room for them")
+        if count == 1 and valid is None and self._pos.device.type == "cpu":
+            self._pos.numpy()[:, :, held] = held + self._evicted  # a decode step on the host: numpy is cheaper
+            self._write_pos.numpy()[()] += 1
+        else:
+            b, h = self._pos.shape[:2]
+            self._pos[:, :, held : held + count].copy_(
+                new_positions(self.seen, count, valid, b, h, self._pos.device))
+            self._write_pos.add_(count)
+        self._length += count
 
     @property
     def positions(self) -> torch.Tensor:

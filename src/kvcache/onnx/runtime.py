@@ -26,7 +26,7 @@ from kvcache.cache import KVCache, model_cache_shape
 from kvcache.decoding import StepFunction, decode
 from kvcache.errors import KVCacheError, UnsupportedSpecError
 from kvcache.hooks import DecodeHooks, chain
-from kvcache.layers.dense import DynamicLayer
+from kvcache.layers.dense import DynamicLayer, StaticLayer
 from kvcache.models.load import load_tokenizer
 from kvcache.onnx.inject import sliding_windows
 from kvcache.onnx.policy_feed import observe_layer, slot_masks, wants_logits
@@ -93,6 +93,7 @@ class OnnxGenerator:
         self.graph_path = graph
         num_layers, self._kv_heads, _ = model_cache_shape(config)
         self._windows = sliding_windows(config, num_layers)
+        self._empties: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def tokenizer(self) -> Any:
@@ -109,13 +110,16 @@ class OnnxGenerator:
     # ----- one step ---------------------------------------------------------------------------------
     def _empty_past(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(B, H_kv, 0, D)`` keys/values per layer for the first step; geometry from the graph or config."""
-        sig = self.decoder.signature
-        _, kv_heads, head_dims = model_cache_shape(self.config)
-        past = []
-        for i in range(sig.num_layers):
-            empty = torch.empty(batch, sig.num_kv_heads or kv_heads[i], 0, sig.head_dim or head_dims[i],
-                                dtype=sig.dtype)
-            past.append((empty, empty))
+        past = self._empties.get(batch)
+        if past is None:  # empty tensors: one list per batch size serves every step
+            sig = self.decoder.signature
+            _, kv_heads, head_dims = model_cache_shape(self.config)
+            past = []
+            for i in range(sig.num_layers):
+                empty = torch.empty(batch, sig.num_kv_heads or kv_heads[i], 0, sig.head_dim or head_dims[i],
+                                    dtype=sig.dtype)
+                past.append((empty, empty))
+            self._empties[batch] = past
         return past
 
     def step(self, cache: KVCache, input_ids: torch.Tensor, past_mask: torch.Tensor,
@@ -150,6 +154,8 @@ class OnnxGenerator:
             # The previous forward is done in every layer: a quantized store quantizes what left its window
             # now, so the past the graph reads is the layout its new tokens are appended to.
             store.release()
+        if self._in_place(cache):
+            return self._step_in_place(cache, input_ids, past_mask, current_mask, position_ids)
         stored = [store.keys_values() for store in stores]
         past = self._empty_past(batch) if stored[0] is None else stored
         if past[0][0].shape[2] != past_mask.shape[1]:
@@ -183,6 +189,30 @@ class OnnxGenerator:
                 observe_layer(cache, i, logits, seq)
             cache.attention_reported(i)  # the graph attended with the slot mask passed above
         return out
+
+    def _in_place(self, cache: KVCache) -> bool:
+        """A ``--fused`` graph and plain dense stores: the graph writes the new tokens into the stores'
+        buffers itself (:meth:`DecoderSession.run_in_place`)."""
+        return self.decoder.signature.fused and cache.observer is None and all(
+            type(store) in (DynamicLayer, StaticLayer) and not store.slots_remapped for store in cache.stores)
+
+    def _step_in_place(self, cache: KVCache, input_ids: torch.Tensor, past_mask: torch.Tensor,
+                       current_mask: torch.Tensor, position_ids: torch.Tensor) -> StepOutput:
+        """:meth:`step` for :meth:`_in_place` caches: no key or value is copied on the host."""
+        batch, seq = input_ids.shape
+        stores = cache.stores
+        held = stores[0].physical_length
+        if past_mask.shape[1] != held:
+            raise KVCacheError(f"past_mask covers {past_mask.shape[1]} slots but the cache holds {held}; "
+                               "pass one column per held slot")
+        likes = self._empty_past(batch)
+        buffers = [store.open_slots(seq, k, v) for store, (k, v) in zip(stores, likes, strict=True)]
+        valid = None if current_mask.numpy().all() else current_mask.bool()
+        mask = torch.cat([past_mask, current_mask], dim=1)
+        logits = self.decoder.run_in_place(input_ids, mask, position_ids, buffers)
+        for store in stores:
+            store.commit_slots(seq, valid)
+        return StepOutput(logits=logits, presents=[], attn_scores=None)
 
     def _step_function(self, cache: KVCache) -> StepFunction:
         """The step function of :func:`kvcache.decoding.decode`: slot validity read off the cache."""

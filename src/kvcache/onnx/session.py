@@ -91,6 +91,9 @@ class GraphSignature:
     has_slot_masks:
         The graph takes ``slot_mask.{i}`` per layer and returns ``attn_logits.{i}`` (injected with
         ``--policies``: it runs retention policies).
+    fused:
+        Every attention layer is ONNX Runtime's ``GroupQueryAttention`` (injected with ``--fused``): past
+        and present may be one preallocated buffer (:meth:`DecoderSession.run_in_place`).
     """
 
     num_layers: int
@@ -101,6 +104,7 @@ class GraphSignature:
     has_position_ids: bool
     has_attn_scores: bool
     has_slot_masks: bool = False
+    fused: bool = False
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, source: str = "graph") -> GraphSignature:
@@ -158,6 +162,7 @@ class GraphSignature:
             has_position_ids=names.POSITION_IDS in inputs,
             has_attn_scores=has_scores,
             has_slot_masks=has_slots,
+            fused=meta.get(names.META_FUSED) == "1",
         )
 
 
@@ -233,6 +238,13 @@ class DecoderSession:
         if sig.has_attn_scores:
             self._outputs += [names.attn_scores(i) for i in range(sig.num_layers)]
         self._scratch: dict[str, np.ndarray] = {}
+        self._binding: ort.IOBinding | None = None
+        self._bound: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self._bound_tensors: list[torch.Tensor] = []  # kept alive: ORT writes into them
+        self._np_dtype = np.dtype(torch.empty(0, dtype=self.signature.dtype).numpy().dtype)
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == names.LOGITS)
+        self._logits_dtype = _ORT_TO_TORCH.get(logits_type, torch.float32)
+        self._logits_np_dtype = np.dtype(torch.empty(0, dtype=self._logits_dtype).numpy().dtype)
 
     def _packed(self, name: str, tensor: torch.Tensor) -> np.ndarray:
         """``tensor`` as a dense numpy array for input ``name``: a view when it is contiguous, else packed
@@ -284,6 +296,13 @@ class DecoderSession:
         sig = self.signature
         if len(past) != sig.num_layers:
             raise KVCacheError(f"the graph has {sig.num_layers} layers but {len(past)} past pairs were given")
+        if _rows_apart(sig, input_ids, past[0][0].shape[2]):
+            rows = [self.run(input_ids[b : b + 1], attention_mask[b : b + 1],
+                             None if position_ids is None else position_ids[b : b + 1],
+                             [(k[b : b + 1], v[b : b + 1]) for k, v in past]) for b in range(len(input_ids))]
+            presents = [(torch.cat([r.presents[i][0] for r in rows]),
+                         torch.cat([r.presents[i][1] for r in rows])) for i in range(len(past))]
+            return StepOutput(logits=torch.cat([r.logits for r in rows]), presents=presents, attn_scores=None)
         feeds = {names.INPUT_IDS: self._packed(names.INPUT_IDS, input_ids),
                  names.ATTENTION_MASK: self._packed(names.ATTENTION_MASK, attention_mask)}
         if sig.has_position_ids:
@@ -319,7 +338,89 @@ class DecoderSession:
         attn_logits = outputs[first : first + n] if logits_of_attention else None
         return StepOutput(logits=outputs[0], presents=presents, attn_scores=scores, attn_logits=attn_logits)
 
+    def run_in_place(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor | None,
+                     buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Run one step of a ``--fused`` graph whose past and present are the same buffers; returns the
+        ``(B, S, V)`` logits.
 
+        Parameters
+        ----------
+        input_ids, position_ids:
+            ``(B, S)`` int64, as in :meth:`run`.
+        attention_mask:
+            ``(B, T)`` int64 over the ``T - S`` slots held and the ``S`` new tokens.
+        buffers:
+            Per layer the whole ``(B, H_kv, C, D)`` key and value buffers (contiguous, ``C >= T``) whose
+            first ``T - S`` slots hold the past: the graph reads those and writes the new tokens' keys and
+            values at slots ``T - S ... T - 1``, in place. Nothing of the cache is copied.
+
+        The buffers stay bound to the session between steps (an ``IOBinding``) and are bound again only when
+        one moves or changes shape (a grown store), so a step binds just its three small inputs.
+        """
+        sig = self.signature
+        if not sig.fused:
+            raise KVCacheError("run_in_place needs a graph injected with --fused (its attention writes the "
+                               "new keys/values into the past buffer)")
+        if len(buffers) != sig.num_layers:
+            raise KVCacheError(f"the graph has {sig.num_layers} layers but {len(buffers)} buffer pairs were "
+                               "given")
+        if _rows_apart(sig, input_ids, attention_mask.shape[1] - input_ids.shape[1]):
+            return torch.cat([self.run_in_place(input_ids[b : b + 1], attention_mask[b : b + 1],
+                                                None if position_ids is None else position_ids[b : b + 1],
+                                                [(k[b : b + 1], v[b : b + 1]) for k, v in buffers])
+                              for b in range(len(input_ids))])
+        binding = self._binding
+        if binding is None:
+            binding = self._binding = self.session.io_binding()
+            # bound first, so it is the first output
+            binding.bind_output(names.LOGITS, "cpu")
+        feeds = [(names.INPUT_IDS, input_ids), (names.ATTENTION_MASK, attention_mask)]
+        if sig.has_position_ids:
+            if position_ids is None:
+                raise KVCacheError("this graph takes position_ids; pass them")
+            feeds.append((names.POSITION_IDS, position_ids))
+        for name, tensor in feeds:  # small: ORT copies them
+            binding.bind_cpu_input(name, _as_numpy(tensor))
+        flat = [t for pair in buffers for t in pair]
+        if len(flat) == len(self._bound_tensors) and all(a is b for a, b in zip(flat, self._bound_tensors)):
+            buffers = []  # the very tensors bound last step (held by us, so their memory cannot have moved)
+        self._bound_tensors = flat
+        for i, (k, v) in enumerate(buffers):
+            for past, present, buf in ((names.past_key(i), names.present_key(i), k),
+                                       (names.past_value(i), names.present_value(i), v)):
+                key = (buf.data_ptr(), tuple(buf.shape))
+                if self._bound.get(past) == key:
+                    continue
+                if not buf.is_contiguous() or buf.dtype != sig.dtype or buf.device.type != "cpu":
+                    raise KVCacheError(f"layer {i}: in-place buffers must be contiguous {sig.dtype} CPU "
+                                       f"tensors, got {buf.dtype} on {buf.device}")
+                binding.bind_input(past, "cpu", 0, self._np_dtype, key[1], key[0])
+                binding.bind_output(present, "cpu", 0, self._np_dtype, key[1], key[0])
+                self._bound[past] = key
+        logits = None
+        if sig.vocab_size is not None:  # written by ORT straight into a fresh tensor of ours
+            logits = torch.empty((*input_ids.shape, sig.vocab_size), dtype=self._logits_dtype)
+            binding.bind_output(names.LOGITS, "cpu", 0, self._logits_np_dtype, tuple(logits.shape),
+                                logits.data_ptr())
+        else:
+            binding.bind_output(names.LOGITS, "cpu")  # ORT allocates it each run: its shape follows S
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            if type(exc).__name__ not in ("InvalidArgument", "Fail", "RuntimeException"):
+                raise
+            raise KVCacheError(f"ONNX Runtime rejected the step ({str(exc)[:300]})") from exc
+        return logits if logits is not None else torch.from_numpy(binding.get_outputs()[0].numpy())
+
+
+
+
+def _rows_apart(sig: GraphSignature, input_ids: torch.Tensor, past: int) -> bool:
+    """A step the fused attention op cannot take for a whole batch: several tokens per row on top of a past
+    (ONNX Runtime: "batch_size must be 1 when sequence_length > 1 and past context is given"). Each row then
+    runs alone, on its own rows of the buffers; the work is the same, split in ``B`` runs."""
+    return sig.fused and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and past > 0
 
 
 def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
