@@ -95,7 +95,7 @@ def raw_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.SessionOption
 
 
 def raw_fused_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.SessionOptions,
-                   capacity: int) -> Step:
+                   capacity: int, head_dim_default: int = 0) -> Step:
     """A bare loop on the fused graph: past and present share one preallocated buffer per cache tensor,
     bound once; each step binds input_ids, attention_mask and position_ids and runs (no kvcache layers)."""
     sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
@@ -104,18 +104,21 @@ def raw_fused_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.Session
     kept = []
     for i in sess.get_inputs():
         if names.is_cache_input(i.name):
-            buf = np.zeros((1, i.shape[1], capacity, i.shape[3]), np.float32)
+            head_dim = i.shape[3] if isinstance(i.shape[3], int) else head_dim_default
+            buf = np.zeros((1, i.shape[1], capacity, head_dim), np.float32)
             kept.append(buf)
             for name in (i.name, i.name.replace(names.PAST_PREFIX, names.PRESENT_PREFIX)):
                 (binding.bind_input if name == i.name else binding.bind_output)(
                     name, "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
     positions = np.arange(ids.shape[1], dtype=np.int64)[None]
     ones = np.ones((1, ids.shape[1]), np.int64)
+    takes_positions = any(i.name == names.POSITION_IDS for i in sess.get_inputs())
 
     def run(lo: int, hi: int, buffers: list[np.ndarray] = kept) -> None:  # the binding reads `kept`: keep it
         binding.bind_cpu_input(names.INPUT_IDS, ids[:, lo:hi])
         binding.bind_cpu_input(names.ATTENTION_MASK, ones[:, :hi])
-        binding.bind_cpu_input(names.POSITION_IDS, positions[:, lo:hi])
+        if takes_positions:
+            binding.bind_cpu_input(names.POSITION_IDS, positions[:, lo:hi])
         binding.bind_output(names.LOGITS, "cpu")
         sess.run_with_iobinding(binding)
         binding.get_outputs()[0].numpy()

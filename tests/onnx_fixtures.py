@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
-from kvcache.models.random import ARCHITECTURES, random_model
+from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES, random_model
+from kvcache.onnx import names
 from kvcache.onnx.export import NO_POSITION_IDS, export_model
 from kvcache.onnx.inject import inject_file
 
@@ -142,7 +144,7 @@ class ExportCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._dirs: dict[tuple[str, str, str, int | None, bool], Path] = {}
-        self._injected: dict[tuple[str, str, str, int | None, bool, bool], Path] = {}
+        self._injected: dict[tuple[str, str, str, int | None, bool, bool, bool], Path] = {}
 
     def get(self, arch: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
             with_cache: bool = False) -> Path:
@@ -173,15 +175,15 @@ class ExportCache:
         return self._dirs[key]
 
     def injected(self, arch: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
-                 attention_stats: bool = False, policies: bool = False) -> Path:
-        """Path of the injected graph of :meth:`get`'s export (``model_kvcache.onnx``, ``..._stats`` or
-        ``..._policies``)."""
-        key = (arch, attn, exporter, opset, attention_stats, policies)
+                 attention_stats: bool = False, policies: bool = False, fused: bool = False) -> Path:
+        """Path of the injected graph of :meth:`get`'s export (``model_kvcache.onnx``, ``..._stats``,
+        ``..._policies`` or ``..._fused``)."""
+        key = (arch, attn, exporter, opset, attention_stats, policies, fused)
         if key not in self._injected:
             d = self.get(arch, attn, exporter, opset)
-            name = "model_kvcache" + ("_stats" if attention_stats else "") + ("_policies" if policies else "")
+            name = "model_kvcache" + "_stats" * attention_stats + "_policies" * policies + "_fused" * fused
             self._injected[key] = inject_file(d / "model.onnx", d / f"{name}.onnx",
-                                              attention_stats=attention_stats, policies=policies)
+                                              attention_stats=attention_stats, policies=policies, fused=fused)
         return self._injected[key]
 
 
@@ -216,9 +218,9 @@ def make_batch(batch: int, length: int, *, pad: int = 3, seed: int = 0, vocab: i
 def reference_logits(sess: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray,
                      pos: np.ndarray) -> np.ndarray:
     """Full-sequence logits ``[batch, length, vocab]`` of a graph without cache."""
-    names = {i.name for i in sess.get_inputs()}
+    inputs = {i.name for i in sess.get_inputs()}
     feeds = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in names:
+    if "position_ids" in inputs:
         feeds["position_ids"] = pos
     return sess.run(["logits"], feeds)[0]
 
@@ -253,3 +255,25 @@ def relative_error(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float
     """Max abs difference over real (unpadded) positions, relative to the largest reference magnitude."""
     real = mask.astype(bool)
     return float(np.abs(got - want)[real].max() / np.abs(want[real]).max())
+
+
+def check_injected(original: Path, injected: Path, arch: str, label: str, plain: bool = False) -> None:
+    """Injected graph: passes onnx.checker, step logits equal ``original``'s full-sequence logits for batch
+    1 and 2 (left padding), cache outputs keep the model's KV heads. ``plain``: ``original`` computes its
+    own positions; the injected graph gets those (:func:`original_positions`) as ``position_ids``."""
+    onnx.checker.check_model(str(injected))
+    ref, inj = session(original), session(injected)
+    kv_heads = 2 if arch in GQA_ARCHITECTURES else 4
+    has_positions = names.POSITION_IDS in {i.name for i in inj.get_inputs()}
+    assert has_positions == (arch not in NO_POSITION_IDS), f"{label}: position_ids input {has_positions}"
+    for batch in (1, 2):
+        ids, mask, pos = make_batch(batch, 9, seed=batch)
+        want = reference_logits(ref, ids, mask, pos)
+        if plain:
+            assert names.POSITION_IDS not in {i.name for i in ref.get_inputs()}
+            pos = original_positions(arch, mask)
+        got, last = stepwise_logits(inj, ids, mask, pos, prefill=5)
+        err = relative_error(got, want, mask)
+        assert err < 1e-4, f"{label} batch {batch}: relative error {err:.2e}"
+        assert last[names.present_key(1)].shape == (batch, kv_heads, 9, 8)
+        assert last[names.present_value(0)].shape == (batch, kv_heads, 9, 8)

@@ -38,9 +38,9 @@ from onnx_fixtures import (
     PLAIN_FIXTURES,
     PLAIN_MATRIX,
     REGENERATE,
+    check_injected,
     fixture_name,
     make_batch,
-    original_positions,
     reference_logits,
     relative_error,
     session,
@@ -48,40 +48,17 @@ from onnx_fixtures import (
 )
 
 from kvcache.errors import KVCacheError
-from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES, random_model
+from kvcache.models.random import ARCHITECTURES, random_model
 from kvcache.onnx import names
 from kvcache.onnx.check import check_graph
-from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.inject import KVCacheInjector, inject_file
 
 onnx_exports = onnx_fixtures.onnx_exports  # the session fixture, under its name in this module
 ALSO_LIVE = os.environ.get("KVCACHE_ONNX_FULL") == "1"
 
 
-def _check_graphs(original: Path, injected: Path, arch: str, label: str, plain: bool = False) -> None:
-    """Injected graph: passes onnx.checker, step logits equal ``original``'s full-sequence logits for batch
-    1 and 2 (left padding), cache outputs keep the model's KV heads. ``plain``: ``original`` computes its
-    own positions; the injected graph gets those (:func:`original_positions`) as ``position_ids``."""
-    onnx.checker.check_model(str(injected))
-    ref, inj = session(original), session(injected)
-    kv_heads = 2 if arch in GQA_ARCHITECTURES else 4
-    has_positions = names.POSITION_IDS in {i.name for i in inj.get_inputs()}
-    assert has_positions == (arch not in NO_POSITION_IDS), f"{label}: position_ids input {has_positions}"
-    for batch in (1, 2):
-        ids, mask, pos = make_batch(batch, 9, seed=batch)
-        want = reference_logits(ref, ids, mask, pos)
-        if plain:
-            assert names.POSITION_IDS not in {i.name for i in ref.get_inputs()}
-            pos = original_positions(arch, mask)
-        got, last = stepwise_logits(inj, ids, mask, pos, prefill=5)
-        err = relative_error(got, want, mask)
-        assert err < 1e-4, f"{label} batch {batch}: relative error {err:.2e}"
-        assert last[names.present_key(1)].shape == (batch, kv_heads, 9, 8)
-        assert last[names.present_value(0)].shape == (batch, kv_heads, 9, 8)
-
-
 def _check_equivalence(exports, arch: str, attn: str, exporter: str, opset: int | None = None) -> None:
-    _check_graphs(exports.get(arch, attn, exporter, opset) / "model.onnx",
+    check_injected(exports.get(arch, attn, exporter, opset) / "model.onnx",
                   exports.injected(arch, attn, exporter, opset), arch, f"{arch}/{attn}/{exporter}")
 
 
@@ -163,7 +140,7 @@ def test_dynamo_fixture_injection_matches_full_sequence(onnx_exports, tmp_path: 
     assert err < 1e-4, f"{name} no longer matches fixture_model({arch!r}); regenerate: {REGENERATE}"
     injected = inject_file(original, tmp_path / "model_kvcache.onnx")
     assert sorted(p.name for p in original.parent.iterdir()) == ["config.json", "model.onnx"]  # untouched
-    _check_graphs(original, injected, arch, f"{name} (fixture)")
+    check_injected(original, injected, arch, f"{name} (fixture)")
     if ALSO_LIVE:
         _check_equivalence(onnx_exports, arch, attn, "dynamo")
 
@@ -173,7 +150,7 @@ def test_plain_legacy_injection_matches_full_sequence(onnx_exports, arch: str, a
     """Graphs exported from (input_ids, attention_mask) only compute their own positions: the position
     rewrite turns them into a position_ids input."""
     d = onnx_exports.get_plain(arch, attn)
-    _check_graphs(d / "model.onnx", inject_file(d, d / "model_kvcache.onnx"), arch, f"{arch}/{attn}/plain",
+    check_injected(d / "model.onnx", inject_file(d, d / "model_kvcache.onnx"), arch, f"{arch}/{attn}/plain",
                   plain=True)
 
 
@@ -193,7 +170,7 @@ def test_plain_fixture_injection_matches_full_sequence(tmp_path: Path,
         err = relative_error(reference_logits(session(original), ids, mask, pos), want.numpy(), mask)
         assert err < 1e-4, f"{name} no longer matches fixture_model({arch!r}); regenerate: {REGENERATE}"
     injected = inject_file(original, tmp_path / "model_kvcache.onnx")
-    _check_graphs(original, injected, arch, f"{name} (fixture)", plain=True)
+    check_injected(original, injected, arch, f"{name} (fixture)", plain=True)
 
 
 def test_plain_graph_takes_logical_positions(onnx_exports) -> None:

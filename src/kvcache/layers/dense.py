@@ -489,7 +489,8 @@ class StaticLayer(CacheLayer):
         if held + count > self.capacity:
             raise KVCacheError(f"commit_slots({count}) without open_slots() room for them")
         if count == 1 and valid is None and self._pos.device.type == "cpu":
-            self._pos.numpy()[:, :, held] = held + self._evicted  # a decode step on the host: numpy is cheaper
+            # a decode step on the host: numpy is cheaper than two torch ops
+            self._pos.numpy()[:, :, held] = held + self._evicted
             self._write_pos.numpy()[()] += 1
         else:
             b, h = self._pos.shape[:2]

@@ -48,6 +48,11 @@ def inject_cmd(
         False, "--policies",
         help="Make the graph run retention policies (`onnx generate --cache h2o:...`): per-layer slot-mask "
              "inputs and attention-logits outputs."),
+    fused: bool = typer.Option(
+        False, "--fused",
+        help="Rewrite attention into ONNX Runtime's fused GroupQueryAttention (and rotary embeddings into "
+             "RotaryEmbedding), fold shape arithmetic: the fastest graph on ONNX Runtime, whose cache is "
+             "written in place; for caches without a retention policy (not with --policies)."),
     force: bool = typer.Option(False, "--force",
                                help="Overwrite an existing --out file even if it is not an injected graph."),
 ) -> None:
@@ -58,7 +63,8 @@ def inject_cmd(
     """
     from kvcache.onnx.inject import inject_file
 
-    path = inject_file(model, out, attention_stats=attention_stats, policies=policies, force=force)
+    path = inject_file(model, out, attention_stats=attention_stats, policies=policies, fused=fused,
+                       force=force)
     typer.echo(str(path))
 
 

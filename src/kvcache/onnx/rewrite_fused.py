@@ -38,6 +38,7 @@ from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 from kvcache.onnx.graph import Graph, TensorInfo
 from kvcache.onnx.patterns import AttentionSite, kv_source, score_path
+from kvcache.onnx.rewrite_rotary import RotaryTables, match_rotary
 
 #: ONNX Runtime's domain of contrib ops
 MS_DOMAIN = "com.microsoft"
@@ -66,6 +67,7 @@ class FusedInputs:
         self.bias_shape = g.add("Concat", [self.batch, g.const([1], np.int64), seq, self.total], axis=0,
                                 hint="bias_shape")
         self._bias: dict[int, str] = {}
+        self.rotary = RotaryTables(g)
 
     def bias(self, elem_type: int) -> str:
         """``[B, 1, S, T]`` additive padding mask of ``elem_type`` (built on first use per dtype)."""
@@ -131,9 +133,9 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
                           f"{info.shape if info else None})")
     if site.fused and any(o and g.consumers.get(o) for o in site.av.output[1:]):
         raise _NotFusable("another output of the Attention node is used")
-    q3 = _flatten_heads(g, query, q_layout)
-    k3 = _flatten_heads(g, site.key, site.key_layout)
-    v3 = _flatten_heads(g, site.value, site.value_layout)
+    q3 = _rotated_flat(g, shared, query, q_layout, heads, head_dim, probe)
+    k3 = _rotated_flat(g, shared, site.key, site.key_layout, kv_heads, head_dim, probe)
+    v3 = _flatten_heads(g, site.value, site.value_layout, probe)
     past_k, past_v = names.past_key(site.layer), names.past_value(site.layer)
     present_k, present_v = names.present_key(site.layer), names.present_value(site.layer)
     for name in (past_k, past_v):
@@ -155,23 +157,81 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
         [q3, k3, v3, past_k, past_v, shared.seqlens_k, shared.total_length, "", "", "",
          shared.bias(elem_type)],
         [out3, present_k, present_v], name=g.fresh("GroupQueryAttention_node"), domain=MS_DOMAIN, **attrs)
-    g.g.node.append(node)
-    g.refresh()
-    split = g.add("Reshape", [out3, g.const([0, 0, heads, head_dim], np.int64)], hint="gqa_heads")
-    out = g.add("Transpose", [split], hint="gqa_bhsd", perm=[0, 2, 1, 3])
-    for consumer in list(g.consumers.get(out4, [])):
-        for k, name in enumerate(consumer.input):
-            if name == out4:
-                g.replace_input(consumer, k, out)
     if out4 in g.outputs:
         raise _NotFusable("the attention output is a graph output")
+    merged = _head_merge_target(g, out4, probe)
+    g.g.node.append(node)
+    g.refresh()
+    if merged is not None:  # the layer merges the heads right away: use the op's [B, S, H*D] output as is
+        old, out = merged, out3
+    else:
+        split = g.add("Reshape", [out3, g.const([0, 0, heads, head_dim], np.int64)], hint="gqa_heads")
+        old, out = out4, g.add("Transpose", [split], hint="gqa_bhsd", perm=[0, 2, 1, 3])
+    for consumer in list(g.consumers.get(old, [])):
+        for k, name in enumerate(consumer.input):
+            if name == old:
+                g.replace_input(consumer, k, out)
 
 
-def _flatten_heads(g: Graph, tensor: str, layout: str) -> str:
-    """``[B, S, heads * D]`` from a per-head tensor in ``layout`` (:data:`~kvcache.onnx.patterns.LAYOUTS`)."""
+def _rotated_flat(g: Graph, shared: FusedInputs, tensor: str, layout: str, heads: int, head_dim: int,
+                  probe: dict[str, TensorInfo]) -> str:
+    """``[B, S, heads * D]`` of a query/key tensor; its rotary embedding, when it has a ``rotate_half`` one,
+    becomes one ``RotaryEmbedding`` node on the un-rotated tensor (:mod:`~kvcache.onnx.rewrite_rotary`)."""
+    if layout == "bhtd":
+        rotary = match_rotary(g, tensor, probe, head_dim)
+        if rotary is not None and shared.rotary.usable(rotary, head_dim):
+            return shared.rotary.apply(rotary, _flatten_heads(g, rotary.x, "bhtd", probe), heads, head_dim)
+    return _flatten_heads(g, tensor, layout, probe)
+
+
+def _flatten_heads(g: Graph, tensor: str, layout: str, probe: dict[str, TensorInfo]) -> str:
+    """``[B, S, heads * D]`` from a per-head tensor in ``layout`` (:data:`~kvcache.onnx.patterns.LAYOUTS`):
+    the projection's output itself when ``tensor`` is its ``view(B, S, H, D).transpose(1, 2)``."""
+    split = _head_split_source(g, tensor, layout, probe)
+    if split is not None:
+        return split
     perm = {"bhtd": [0, 2, 1, 3], "bthd": None, "bhdt": [0, 3, 1, 2]}[layout]
     bthd = tensor if perm is None else g.add("Transpose", [tensor], hint="to_bsnh", perm=perm)
     return g.add("Reshape", [bthd, g.const([0, 0, -1], np.int64)], hint="bsh")
+
+
+def _head_split_source(g: Graph, tensor: str, layout: str, probe: dict[str, TensorInfo]) -> str | None:
+    """``y`` ``[B, S, H*D]`` when ``tensor`` is ``Reshape(y, [B, S, H, D])`` (layout ``bthd``), possibly
+    followed by ``Transpose(0, 2, 1, 3)`` (layout ``bhtd``)."""
+    node = g.producer.get(tensor)
+    if layout == "bhtd":
+        if node is None or node.op_type != "Transpose" or \
+                not any(a.name == "perm" and list(a.ints) == [0, 2, 1, 3] for a in node.attribute):
+            return None
+        node = g.producer.get(node.input[0])
+    elif layout != "bthd":
+        return None
+    if node is None or node.op_type != "Reshape":
+        return None
+    source, out = probe.get(node.input[0]), probe.get(node.output[0])
+    if source is None or out is None or source.shape is None or out.shape is None or len(source.shape) != 3 \
+            or len(out.shape) != 4 or source.shape[:2] != out.shape[:2] \
+            or None in out.shape or source.shape[2] != out.shape[2] * out.shape[3]:
+        return None
+    return node.input[0]
+
+
+def _head_merge_target(g: Graph, tensor: str, probe: dict[str, TensorInfo]) -> str | None:
+    """The ``[B, S, H*D]`` output of ``Reshape(Transpose(tensor, (0, 2, 1, 3)), [B, S, H*D])`` when that is
+    the only use of ``tensor`` (``[B, H, S, D]``, the attention output), else ``None``."""
+    users = g.consumers.get(tensor, [])
+    if len(users) != 1 or users[0].op_type != "Transpose" or \
+            not any(a.name == "perm" and list(a.ints) == [0, 2, 1, 3] for a in users[0].attribute):
+        return None
+    after = g.consumers.get(users[0].output[0], [])
+    if len(after) != 1 or after[0].op_type != "Reshape":
+        return None
+    source, out = probe.get(tensor), probe.get(after[0].output[0])
+    if source is None or out is None or source.shape is None or out.shape is None or len(out.shape) != 3 \
+            or None in source.shape or out.shape != (source.shape[0], source.shape[2],
+                                                     source.shape[1] * source.shape[3]):
+        return None
+    return after[0].output[0]
 
 
 def _scalar(g: Graph, node: onnx.NodeProto, data: str) -> float | None:

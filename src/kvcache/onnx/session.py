@@ -383,7 +383,8 @@ class DecoderSession:
         for name, tensor in feeds:  # small: ORT copies them
             binding.bind_cpu_input(name, _as_numpy(tensor))
         flat = [t for pair in buffers for t in pair]
-        if len(flat) == len(self._bound_tensors) and all(a is b for a, b in zip(flat, self._bound_tensors)):
+        if len(flat) == len(self._bound_tensors) and \
+                all(a is b for a, b in zip(flat, self._bound_tensors, strict=True)):
             buffers = []  # the very tensors bound last step (held by us, so their memory cannot have moved)
         self._bound_tensors = flat
         for i, (k, v) in enumerate(buffers):

@@ -1,0 +1,206 @@
+"""Rotary embedding as one ONNX Runtime ``RotaryEmbedding`` node per query/key (the ``--fused`` injection).
+
+Exporters trace the rotary embedding of Llama-style models (``rotate_half``) as, per layer and per query or
+key tensor ``x`` ``[B, H, S, D]``::
+
+    x * Unsqueeze(cos, 1) + Concat(-x[..., D/2:], x[..., :D/2]) * Unsqueeze(sin, 1)
+
+six to eight nodes, where ``cos``/``sin`` ``[B, S, D]`` are computed once per step from ``position_ids``.
+ONNX Runtime's contrib op ``com.microsoft.RotaryEmbedding`` does the same in one kernel, looking up a
+``[rows, D/2]`` cosine/sine table with a ``[B, S]`` index. The pass feeds it the graph's own tables,
+flattened to ``B * S`` rows, with the index ``b * S + s``: whatever the model computes for its positions
+(scaling variants included) is what the op applies, for any position.
+
+A match requires the ``rotate_half`` structure above and tables whose two halves are equal (checked by
+evaluating the table sub-graph, which reads only ``position_ids`` and constants, on two rows of positions).
+Anything else (interleaved rotation as in GPT-J, partial rotation as in GPT-NeoX) stays as exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from kvcache.onnx import names
+from kvcache.onnx.graph import Graph, TensorInfo
+
+#: ONNX Runtime's domain of contrib ops
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """A matched rotary application ``x * cos + rotate_half(x) * sin`` (``cos``/``sin``: ``[B, S, D]``)."""
+
+    x: str
+    cos: str
+    sin: str
+
+
+def _node(g: Graph, tensor: str, op: str) -> onnx.NodeProto | None:
+    node = g.producer.get(tensor)
+    return node if node is not None and node.op_type == op else None
+
+
+def _ints(g: Graph, name: str) -> list[int] | None:
+    value = g.const_value(name) if name else None
+    return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+def _last_axis_slice(g: Graph, tensor: str, head_dim: int) -> tuple[str, str] | None:
+    """``(x, "first"|"second")`` when ``tensor`` is the first or second half of ``x`` along its last axis."""
+    node = _node(g, tensor, "Slice")
+    if node is None or len(node.input) < 4:
+        return None
+    starts, ends, axes = (_ints(g, node.input[k]) for k in (1, 2, 3))
+    steps = _ints(g, node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+    if starts is None or ends is None or axes not in ([3], [-1]) or steps != [1]:
+        return None
+    half = head_dim // 2
+    if starts == [0] and ends == [half]:
+        return node.input[0], "first"
+    if starts == [half] and ends[0] >= head_dim:
+        return node.input[0], "second"
+    return None
+
+
+def _unsqueezed_table(g: Graph, tensor: str, probe: dict[str, TensorInfo], head_dim: int) -> str | None:
+    """The ``[B, S, D]`` table ``t`` when ``tensor`` is ``Unsqueeze(t, axes=[1])``."""
+    node = _node(g, tensor, "Unsqueeze")
+    if node is None:
+        return None
+    axes = _ints(g, node.input[1]) if len(node.input) > 1 else next(
+        (list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    info = probe.get(node.input[0])
+    if axes != [1] or info is None or info.shape is None or len(info.shape) != 3 or info.shape[2] != head_dim:
+        return None
+    return node.input[0]
+
+
+def match_rotary(g: Graph, tensor: str, probe: dict[str, TensorInfo], head_dim: int) -> Rotary | None:
+    """The rotary application producing ``tensor`` (``[B, H, S, D]``), or ``None``."""
+    add = _node(g, tensor, "Add")
+    if add is None or len(add.input) != 2:
+        return None
+    muls = [_node(g, i, "Mul") for i in add.input]
+    if any(m is None for m in muls):
+        return None
+    for plain, rotated in (muls, muls[::-1]):
+        assert plain is not None and rotated is not None
+        for r_side in range(2):
+            concat = _node(g, rotated.input[r_side], "Concat")
+            if concat is None or len(concat.input) != 2 or \
+                    not any(a.name == "axis" and a.i in (3, -1) for a in concat.attribute):
+                continue
+            neg = _node(g, concat.input[0], "Neg")
+            second = _last_axis_slice(g, neg.input[0], head_dim) if neg is not None else None
+            first = _last_axis_slice(g, concat.input[1], head_dim)
+            if second is None or first is None or second[1] != "second" or first[1] != "first" \
+                    or second[0] != first[0]:
+                continue
+            x = first[0]
+            if x not in plain.input:
+                continue
+            cos = _unsqueezed_table(g, plain.input[1 - list(plain.input).index(x)], probe, head_dim)
+            sin = _unsqueezed_table(g, rotated.input[1 - r_side], probe, head_dim)
+            if cos is not None and sin is not None:
+                return Rotary(x=x, cos=cos, sin=sin)
+    return None
+
+
+def tables_have_equal_halves(g: Graph, cos: str, sin: str, head_dim: int) -> bool:
+    """Evaluate the ``cos``/``sin`` sub-graph (it may read only ``position_ids`` and embedded constants) on
+    two rows of positions; True when each table's two halves are equal (``rotate_half`` tables)."""
+    needed: list[onnx.NodeProto] = []
+    seen: set[str] = set()
+    stack = [cos, sin]
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen or not tensor:
+            continue
+        seen.add(tensor)
+        if tensor == names.POSITION_IDS:
+            continue
+        if tensor in g.initializers:
+            if g.initializers[tensor].data_location == onnx.TensorProto.EXTERNAL:
+                return False
+            continue
+        node = g.producer.get(tensor)
+        if node is None:
+            return False  # another graph input
+        if node not in needed:
+            needed.append(node)
+        stack.extend(node.input)
+    order = [n for n in g.topo_order() if n in needed]
+    inits = [g.initializers[t] for t in sorted(seen) if t in g.initializers]
+    graph = helper.make_graph(
+        order, "rotary_tables",
+        [helper.make_tensor_value_info(names.POSITION_IDS, onnx.TensorProto.INT64, [2, 5])],
+        [helper.make_empty_tensor_value_info(cos), helper.make_empty_tensor_value_info(sin)],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=list(g.model.opset_import))
+    positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]], dtype=np.int64)
+    try:
+        tables = ReferenceEvaluator(model).run(None, {names.POSITION_IDS: positions})
+    except Exception:  # noqa: BLE001 - an op the reference evaluator cannot run: do not fuse
+        return False
+    half = head_dim // 2
+    for table in tables:
+        table = np.asarray(table)
+        if table.shape != (2, 5, head_dim) or not np.array_equal(table[..., :half], table[..., half:]):
+            return False
+    return True
+
+
+class RotaryTables:
+    """The ``[B * S, D/2]`` tables and the ``[B, S]`` row index shared by every fused rotary node."""
+
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+        self._tables: dict[tuple[str, int], str] = {}
+        self._index: str | None = None
+        self._checked: dict[tuple[str, str, int], bool] = {}
+
+    def usable(self, rotary: Rotary, head_dim: int) -> bool:
+        key = (rotary.cos, rotary.sin, head_dim)
+        if key not in self._checked:
+            self._checked[key] = tables_have_equal_halves(self.g, rotary.cos, rotary.sin, head_dim)
+        return self._checked[key]
+
+    def table(self, tensor: str, head_dim: int) -> str:
+        key = (tensor, head_dim)
+        if key not in self._tables:
+            g = self.g
+            half = g.add("Slice", [tensor, g.const([0], np.int64), g.const([head_dim // 2], np.int64),
+                                   g.const([2], np.int64)], hint="rotary_half")
+            self._tables[key] = g.add("Reshape", [half, g.const([-1, head_dim // 2], np.int64)],
+                                      hint="rotary_table")
+        return self._tables[key]
+
+    def index(self, like: str) -> str:
+        """``b * S + s`` as ``[B, S]`` int64, for the ``[B, S, D]`` table ``like``."""
+        if self._index is None:
+            g = self.g
+            shape = g.add("Slice", [g.add("Shape", [like]), g.const([0], np.int64), g.const([2], np.int64)],
+                          hint="rotary_shape")
+            rows = g.add("ReduceProd", [shape], hint="rotary_rows", keepdims=0)
+            flat = g.add("Range", [g.const(np.array(0, np.int64)), rows, g.const(np.array(1, np.int64))],
+                         hint="rotary_flat")
+            self._index = g.add("Reshape", [flat, shape], hint="rotary_index")
+        return self._index
+
+    def apply(self, rotary: Rotary, flat: str, heads: int, head_dim: int) -> str:
+        """``RotaryEmbedding`` of ``flat`` (``[B, S, heads * D]``, the un-rotated ``x`` flattened)."""
+        g = self.g
+        out = g.fresh("rotary")
+        g.g.node.append(helper.make_node(
+            "RotaryEmbedding", [flat, self.index(rotary.cos), self.table(rotary.cos, head_dim),
+                                self.table(rotary.sin, head_dim)],
+            [out], name=g.fresh("RotaryEmbedding_node"), domain=MS_DOMAIN, num_heads=heads,
+            rotary_embedding_dim=head_dim))
+        g.refresh()
+        return out
