@@ -1,4 +1,8 @@
-"""Writing files so that a reader never sees half of one: write beside the target, then rename onto it."""
+"""Writing files so that a reader never sees half of one: write beside the target, then rename onto it.
+
+Standard library only: ``bench/kvpress_runner.py`` loads this file by path in a side environment where
+kvcache itself is not importable.
+"""
 
 from __future__ import annotations
 
