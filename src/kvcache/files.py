@@ -1,7 +1,7 @@
 """Writing files so that a reader never sees half of one: write beside the target, then rename onto it.
 
-Standard library only: ``bench/kvpress_runner.py`` loads this file by path in a side environment where
-kvcache itself is not importable.
+Standard library only: ``bench/kvpress_runner.py`` and ``scripts/standalone.py`` load this file by path
+where kvcache itself is not importable (side environments).
 """
 
 from __future__ import annotations
