@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import inspect
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 import kvcache
 from kvcache.cache import KVCache
+from kvcache.files import write_text_atomic
 from kvcache.models.random import random_model
 
 #: the model shape of the full run (and of --quick)
@@ -246,11 +245,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     # Atomic: a crash mid-write never leaves a truncated results file behind.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvcache.bench.memory import PeakRSS
+from kvcache.files import write_text_atomic
 from kvcache.generation import generate_ids
 from kvcache.models import DEFAULT_MODEL_DIR
 from kvcache.models.load import load_tokenizer
@@ -157,11 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args.context, args.steps, args.repeats, args.long, model_kwargs)
     print(table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(report, indent=2))
     return report
 
 

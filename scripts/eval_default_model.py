@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from standalone import ROOT, write_text  # scripts/ is on sys.path when a script
 from kvcache.bench.accuracy import greedy_texts, heldout_perplexity, retrieval_accuracy
 from kvcache.bench.prompts import DEPTHS, prose_filler, retrieval_examples
 from kvcache.bench.tasks import EVAL_SEED_BASE
+from kvcache.files import atomic_write
 from kvcache.models.corpus import load_eval_split
 
 EVAL_DIR = ROOT / "src" / "kvcache" / "models" / "default" / "eval"
@@ -389,9 +389,8 @@ def choose(dirs: list[Path], into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     for f in sorted(best["dir"].iterdir()):
         if f.is_file():
-            tmp = into / f".{f.name}.tmp"
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, into / f.name)
+            with atomic_write(into / f.name) as tmp:
+                shutil.copyfile(f, tmp)
     ev = best["ev"]
     ev["selection"] = {"rule": "the lowest held-out perplexity among the runs with passkey >= 95% at "
                                "contexts <= 1024; if none has, the highest passkey accuracy at its weakest "

@@ -58,6 +58,7 @@ import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from kvcache.files import write_text_atomic  # noqa: E402
 from kvcache.onnx.export import export_model  # noqa: E402
 
 #: opset per exporter: export_model's defaults, spelled out so the manifest records them
@@ -192,12 +193,7 @@ def export_variant(root: Path, variant: fx.Variant, old_python: Path = OLD_PYTHO
 def write_manifest(root: Path, variants: dict[str, Any]) -> None:
     """Write ``MANIFEST.json`` atomically."""
     manifest = {"regenerate": fx.REGENERATE, "variants": dict(sorted(variants.items()))}
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=root)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, root / fx.MANIFEST)
+    write_text_atomic(root / fx.MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ need (``bench/tasks.py``, ``models/corpus.py``) instead of ``import kvcache``.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,8 +26,9 @@ def load_module(name: str, relpath: str) -> ModuleType:
     return module
 
 
+_files = load_module("kvcache_files", "files.py")  # the package's atomic writer, standard library only
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file beside it, then ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) to ``path`` atomically (a temporary file beside it, then a rename)."""
+    _files.write_text_atomic(path, text)

@@ -47,7 +47,7 @@ _corpus = load_module("kvcache_models_corpus", "models/corpus.py")
 TRAIN_SEED_BASE, Filler, make_task = _tasks.TRAIN_SEED_BASE, _tasks.Filler, _tasks.make_task
 Document, build_corpus, load_eval_split = _corpus.Document, _corpus.build_corpus, _corpus.load_eval_split
 prose_paragraphs, split_sentences = _corpus.prose_paragraphs, _corpus.split_sentences
-write_eval_split = _corpus.write_eval_split
+eval_split_text = _corpus.eval_split_text
 
 DEFAULT_DIR = ROOT / "src" / "kvcache" / "models" / "default"
 EVAL_DIR = DEFAULT_DIR / "eval"
@@ -144,8 +144,8 @@ def eval_splits() -> tuple[list[Document], list[Document]]:
 
 def write_eval_splits() -> None:
     corpus = build_corpus()
-    write_eval_split(EVAL_DIR / "prose.jsonl", corpus.heldout_prose)
-    write_eval_split(EVAL_DIR / "documents.jsonl", corpus.heldout_docs)
+    write_text(EVAL_DIR / "prose.jsonl", eval_split_text(corpus.heldout_prose))
+    write_text(EVAL_DIR / "documents.jsonl", eval_split_text(corpus.heldout_docs))
     log(f"wrote {len(corpus.heldout_prose)} held-out prose and {len(corpus.heldout_docs)} documents "
         f"to {EVAL_DIR}")
 

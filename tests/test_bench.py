@@ -152,6 +152,8 @@ def test_kvpress_runner_writes_contract_records(tmp_path: Path) -> None:
     contract, a failing press reported with its reason, and a finished record never redone."""
     (tmp_path / "fake" / "kvpress").mkdir(parents=True)
     (tmp_path / "fake" / "kvpress" / "__init__.py").write_text(textwrap.dedent(FAKE_KVPRESS))
+    (tmp_path / "fake" / "kvcache").mkdir()  # as in kvpress's environment, where kvcache is not installed
+    (tmp_path / "fake" / "kvcache" / "__init__.py").write_text("raise ImportError('kvcache is not here')\n")
     model_dir = tmp_path / "m"
     random_model("llama", seed=1, num_layers=2, hidden=32, num_heads=4).save_pretrained(model_dir)
     stream_job = {"task": "ppl", "mode": "stream", "windows": [list(range(1, 30))], "prefix": 10}

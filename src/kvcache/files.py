@@ -1,4 +1,8 @@
-"""Writing files so that a reader never sees half of one: write beside the target, then rename onto it."""
+"""Writing files so that a reader never sees half of one: write beside the target, then rename onto it.
+
+Standard library only: ``bench/kvpress_runner.py`` and ``scripts/standalone.py`` load this file by path
+where kvcache itself is not importable (side environments).
+"""
 
 from __future__ import annotations
 

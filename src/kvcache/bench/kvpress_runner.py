@@ -4,11 +4,12 @@
 
 kvpress 0.5.5 pins ``transformers < 5.3``, which kvcache's range excludes, so the bench cannot import it;
 ``scripts/peer-env.sh kvpress`` makes a side environment and the bench starts this script there. It imports
-only the standard library, torch, transformers and kvpress (plus three dependency-free files beside it,
-loaded by path), reads the same token ids as every other system, and writes one record per (press, task)
-in the contract of ``contract.py``: ``OUT_DIR/<file>.json``, written atomically, skipped when present (so
-an interrupted run resumes). On stdout: ``tick`` after each prompt, ``done<TAB>label<TAB>task`` after each
-record, for the bench's progress bars.
+only the standard library, torch, transformers and kvpress (plus dependency-free files of the package,
+loaded by path: three beside it and the atomic writer ``../files.py``), reads the same token ids as every
+other system, and writes one record per (press, task) in the contract of ``contract.py``:
+``OUT_DIR/<file>.json``, written atomically, skipped when present (so an interrupted run resumes). On
+stdout: ``tick`` after each prompt, ``done<TAB>label<TAB>task`` after each record, for the bench's progress
+bars.
 
 The press is entered around a plain greedy loop on the bench's token ids (``loop.py``): kvpress's own
 pipeline appends a newline after the question, which changes the prompt format the bundled model was trained
@@ -26,7 +27,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -35,14 +35,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def _sibling(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"kvcache_bench_{name}", HERE / f"{name}.py")
+def _by_path(name: str, path: Path) -> ModuleType:
+    """Import the dependency-free file ``path`` as module ``name`` (kvcache itself is not importable here)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {name}.py beside {__file__}")
+        raise ImportError(f"cannot load {path} for {__file__}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _sibling(name: str) -> ModuleType:
+    return _by_path(f"kvcache_bench_{name}", HERE / f"{name}.py")
 
 
 #: press name -> kvpress class; "Decoding" is the decoding-time press (KeyDiff scores, re-compressed to the
@@ -78,12 +83,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -92,6 +91,7 @@ def main(argv: list[str]) -> int:
     out_dir = Path(argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     contract, loop, memory = _sibling("contract"), _sibling("loop"), _sibling("memory")
+    files = _by_path("kvcache_files", HERE.parent / "files.py")  # the package's atomic writer
     vers = versions()
     import torch
     from transformers.utils import logging as transformers_logging
@@ -121,7 +121,8 @@ def main(argv: list[str]) -> int:
             press = make_press(system["press"], system["ratio"])
             model = model_for("eager" if system["press"] in NEEDS_EAGER else "sdpa")
         except Exception as err:  # an import or construction failure is this row's reason, not a crash
-            _write(path, contract.unavailable(label, task, f"{type(err).__name__}: {err}", vers))
+            files.write_text_atomic(path, json.dumps(
+                contract.unavailable(label, task, f"{type(err).__name__}: {err}", vers)))
             print(f"done\t{label}\t{task}", flush=True)
             continue
         eos = model.generation_config.eos_token_id
@@ -149,7 +150,7 @@ def main(argv: list[str]) -> int:
                                       advance=lambda: print("tick", flush=True))
         except Exception as err:  # a press that fails on this model is reported, the others still run
             record = contract.unavailable(label, task, f"{type(err).__name__}: {err}", vers)
-        _write(path, record)
+        files.write_text_atomic(path, json.dumps(record))
         print(f"done\t{label}\t{task}", flush=True)
     return 0
 

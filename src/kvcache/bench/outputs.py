@@ -7,13 +7,12 @@ inputs); a file already in the folder but not in that list is the user's, and wr
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kvcache.errors import KVCacheError
+from kvcache.files import atomic_write
 
 MANIFEST = ".kvcache-bench.json"
 
@@ -60,10 +59,8 @@ class ResultsDir:
             raise KVCacheError(f"refusing to overwrite {target}: the bench did not write it; "
                                "move it away or give another --out")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(data)
         if not self.owns(rel):
             self.manifest["files"].append(rel)
             self._save_manifest()
@@ -86,7 +83,5 @@ class ResultsDir:
             return None  # cannot happen with atomic writes, but a broken file is simply redone
 
     def _save_manifest(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{MANIFEST}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.manifest, f, indent=1)
-        os.replace(tmp, self.manifest_path)
+        with atomic_write(self.manifest_path) as tmp:
+            tmp.write_text(json.dumps(self.manifest, indent=1), encoding="utf-8")

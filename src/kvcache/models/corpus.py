@@ -236,18 +236,17 @@ def build_corpus(*, max_files: int | None = None, exclude: Sequence[Document] = 
     return Corpus(train=train, heldout_prose=prose, heldout_docs=docs)
 
 
-def write_eval_split(path: Path, docs: Sequence[Document]) -> None:
-    """Write documents as JSON lines, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def eval_split_text(docs: Sequence[Document]) -> str:
+    """Documents as JSON lines, one per document, the file :func:`load_eval_split` reads.
+
+    The caller writes it (atomically: ``kvcache.files.write_text_atomic``); this module stays standard-library
+    only, for the training script that loads it by path.
+    """
+    return "".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in docs)
 
 
 def load_eval_split(path: Path) -> list[Document]:
-    """Read documents written by :func:`write_eval_split`; a missing file is an error naming the fix."""
+    """Read documents in the form of :func:`eval_split_text`; a missing file is an error naming the fix."""
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the held-out splits ship in kvcache/models/default/eval/; "

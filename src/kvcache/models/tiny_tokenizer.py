@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
+
+from kvcache.files import atomic_write
 
 #: special tokens, in id order: pad=0, bos=1, eos=2, unk=3
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>")
@@ -46,15 +47,9 @@ class TinyTokenizer(PreTrainedTokenizerFast):
         config_file = Path(save_directory) / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
         config["tokenizer_class"] = SAVED_TOKENIZER_CLASS
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer_config-", dir=config_file.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, config_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(config_file) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
         return files
 
 
