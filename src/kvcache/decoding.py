@@ -119,8 +119,12 @@ def decode(
 
     def forward(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         nonlocal row_seen, peak
-        positions = (row_seen[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
-        row_seen = row_seen + valid.sum(-1)
+        if valid is step_valid:  # a decode step: one real token per row, at the row's next position
+            positions = row_seen[:, None]
+            row_seen = row_seen + 1
+        else:
+            positions = (row_seen[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+            row_seen = row_seen + valid.sum(-1)
         # Announce padding only when there is some: an all-real step costs nothing extra.
         cache.begin_forward(None if tokens.shape[1] == 1 or bool(valid.all()) else valid)
         try:
@@ -132,6 +136,7 @@ def decode(
         peak = max(peak, cache.nbytes())
         return logits
 
+    step_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
     rows = Rows(batch, checker)
     with _progress_bar(progress, max_new_tokens) as advance:
         start = time.perf_counter()
@@ -151,7 +156,6 @@ def decode(
         advance()
 
         alive = rows.alive(device)
-        step_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
         steps = 0
         while steps + 1 < max_new_tokens and rows.running():
             free = cache.free_slots()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
@@ -29,6 +30,7 @@ from kvcache.hooks import DecodeHooks, chain
 from kvcache.layers.dense import DynamicLayer, StaticLayer
 from kvcache.models.load import load_tokenizer
 from kvcache.onnx.inject import sliding_windows
+from kvcache.onnx.mask_track import MaskTracker
 from kvcache.onnx.policy_feed import observe_layer, slot_masks, wants_logits
 from kvcache.onnx.provenance import check_config_matches
 from kvcache.onnx.session import DecoderSession, StepOutput, resolve_graph
@@ -94,6 +96,10 @@ class OnnxGenerator:
         num_layers, self._kv_heads, _ = model_cache_shape(config)
         self._windows = sliding_windows(config, num_layers)
         self._empties: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._masks = MaskTracker()  # the decode loop's attention mask on a fused graph, kept across steps
+        # the decode loop's single-token logits on a fused graph: one buffer per batch size, bound once and
+        # reused (the loop samples from them before the next forward)
+        self._logits: dict[int, torch.Tensor] = {}
 
     @property
     def tokenizer(self) -> Any:
@@ -199,20 +205,45 @@ class OnnxGenerator:
     def _step_in_place(self, cache: KVCache, input_ids: torch.Tensor, past_mask: torch.Tensor,
                        current_mask: torch.Tensor, position_ids: torch.Tensor) -> StepOutput:
         """:meth:`step` for :meth:`_in_place` caches: no key or value is copied on the host."""
-        batch, seq = input_ids.shape
-        stores = cache.stores
-        held = stores[0].physical_length
+        held = cache.stores[0].physical_length
         if past_mask.shape[1] != held:
             raise KVCacheError(f"past_mask covers {past_mask.shape[1]} slots but the cache holds {held}; "
                                "pass one column per held slot")
+        mask = torch.cat([past_mask, current_mask], dim=1)
+        logits = self._write_in_place(cache, input_ids, mask, position_ids, current_mask)
+        return StepOutput(logits=logits, presents=[], attn_scores=None)
+
+    def _write_in_place(self, cache: KVCache, input_ids: torch.Tensor, mask: torch.Tensor | np.ndarray,
+                        position_ids: torch.Tensor, current: torch.Tensor,
+                        logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the fused graph on the stores' own buffers (``mask``: ``(B, T)`` over held and new slots,
+        ``current``: ``(B, S)`` validity of the new tokens) and record the new slots; returns the logits."""
+        batch, seq = input_ids.shape
+        stores = cache.stores
         likes = self._empty_past(batch)
         buffers = [store.open_slots(seq, k, v) for store, (k, v) in zip(stores, likes, strict=True)]
-        valid = None if current_mask.numpy().all() else current_mask.bool()
-        mask = torch.cat([past_mask, current_mask], dim=1)
-        logits = self.decoder.run_in_place(input_ids, mask, position_ids, buffers)
+        valid = None if current.numpy().all() else current.bool()
+        logits = self.decoder.run_in_place(input_ids, mask, position_ids, buffers, logits_out)
         for store in stores:
             store.commit_slots(seq, valid)
-        return StepOutput(logits=logits, presents=[], attn_scores=None)
+        return logits
+
+    def _decode_in_place(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor,
+                         valid: torch.Tensor) -> torch.Tensor:
+        """The decode loop's step on an :meth:`_in_place` cache: the mask kept across steps, a decode step's
+        logits written into one reused buffer; returns the ``(B, V)`` logits of the last tokens."""
+        batch, seq = input_ids.shape
+        held = cache.stores[0].physical_length
+        mask = self._masks.mask(cache, held, valid, lambda: _past_mask(cache, batch))
+        out = None
+        vocab = self.decoder.signature.vocab_size
+        if vocab is not None and seq == 1:  # decode steps: one small buffer, bound once
+            out = self._logits.get(batch)
+            if out is None:
+                out = self._logits[batch] = torch.empty((batch, 1, vocab), dtype=self.decoder.logits_dtype)
+        logits = self._write_in_place(cache, input_ids, mask, positions, valid, out)
+        self._masks.advance(held + seq)
+        return logits[:, -1, :]
 
     def _step_function(self, cache: KVCache) -> StepFunction:
         """The step function of :func:`kvcache.decoding.decode`: slot validity read off the cache."""
@@ -220,6 +251,10 @@ class OnnxGenerator:
         slotted = self.decoder.signature.has_slot_masks
 
         def run(input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            if self._in_place(cache):
+                for store in cache.stores:
+                    store.release()
+                return self._decode_in_place(cache, input_ids, positions, valid)
             batch = input_ids.shape[0]
             # a graph with slot masks reads only the current columns of the 2-D mask
             past_mask = (torch.ones(batch, cache.stores[0].physical_length, dtype=torch.long) if slotted

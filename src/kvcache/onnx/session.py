@@ -241,10 +241,11 @@ class DecoderSession:
         self._binding: ort.IOBinding | None = None
         self._bound: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._bound_tensors: list[torch.Tensor] = []  # kept alive: ORT writes into them
+        self._bound_logits: torch.Tensor | None = None  # a caller's logits buffer bound now (kept alive)
         self._np_dtype = np.dtype(torch.empty(0, dtype=self.signature.dtype).numpy().dtype)
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == names.LOGITS)
-        self._logits_dtype = _ORT_TO_TORCH.get(logits_type, torch.float32)
-        self._logits_np_dtype = np.dtype(torch.empty(0, dtype=self._logits_dtype).numpy().dtype)
+        self.logits_dtype = _ORT_TO_TORCH.get(logits_type, torch.float32)
+        self._logits_np_dtype = np.dtype(torch.empty(0, dtype=self.logits_dtype).numpy().dtype)
 
     def _packed(self, name: str, tensor: torch.Tensor) -> np.ndarray:
         """``tensor`` as a dense numpy array for input ``name``: a view when it is contiguous, else packed
@@ -338,9 +339,10 @@ class DecoderSession:
         attn_logits = outputs[first : first + n] if logits_of_attention else None
         return StepOutput(logits=outputs[0], presents=presents, attn_scores=scores, attn_logits=attn_logits)
 
-    def run_in_place(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def run_in_place(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | np.ndarray,
                      position_ids: torch.Tensor | None,
-                     buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                     buffers: list[tuple[torch.Tensor, torch.Tensor]],
+                     logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step of a ``--fused`` graph whose past and present are the same buffers; returns the
         ``(B, S, V)`` logits.
 
@@ -354,6 +356,9 @@ class DecoderSession:
             Per layer the whole ``(B, H_kv, C, D)`` key and value buffers (contiguous, ``C >= T``) whose
             first ``T - S`` slots hold the past: the graph reads those and writes the new tokens' keys and
             values at slots ``T - S ... T - 1``, in place. Nothing of the cache is copied.
+        logits_out:
+            A contiguous ``(B, S, V)`` tensor to write the logits into (kept bound while it is passed again,
+            so a decode loop that reuses it binds nothing per step); ``None``: a new tensor.
 
         The buffers stay bound to the session between steps (an ``IOBinding``) and are bound again only when
         one moves or changes shape (a grown store), so a step binds just its three small inputs.
@@ -381,7 +386,7 @@ class DecoderSession:
                 raise KVCacheError("this graph takes position_ids; pass them")
             feeds.append((names.POSITION_IDS, position_ids))
         for name, tensor in feeds:  # small: ORT copies them
-            binding.bind_cpu_input(name, _as_numpy(tensor))
+            binding.bind_cpu_input(name, tensor if isinstance(tensor, np.ndarray) else _as_numpy(tensor))
         flat = [t for pair in buffers for t in pair]
         if len(flat) == len(self._bound_tensors) and \
                 all(a is b for a, b in zip(flat, self._bound_tensors, strict=True)):
@@ -399,13 +404,16 @@ class DecoderSession:
                 binding.bind_input(past, "cpu", 0, self._np_dtype, key[1], key[0])
                 binding.bind_output(present, "cpu", 0, self._np_dtype, key[1], key[0])
                 self._bound[past] = key
-        logits = None
-        if sig.vocab_size is not None:  # written by ORT straight into a fresh tensor of ours
-            logits = torch.empty((*input_ids.shape, sig.vocab_size), dtype=self._logits_dtype)
+        logits = logits_out
+        if logits is None and sig.vocab_size is not None:  # written by ORT straight into a tensor of ours
+            logits = torch.empty((*input_ids.shape, sig.vocab_size), dtype=self.logits_dtype)
+        if logits is None:
+            binding.bind_output(names.LOGITS, "cpu")  # ORT allocates it each run: its shape follows S
+            self._bound_logits = None
+        elif self._bound_logits is not logits:
             binding.bind_output(names.LOGITS, "cpu", 0, self._logits_np_dtype, tuple(logits.shape),
                                 logits.data_ptr())
-        else:
-            binding.bind_output(names.LOGITS, "cpu")  # ORT allocates it each run: its shape follows S
+            self._bound_logits = logits if logits is logits_out else None
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
