@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
 from kvcache.models.random import ARCHITECTURES, GQA_ARCHITECTURES, random_model
 from kvcache.onnx import names
 from kvcache.onnx.export import NO_POSITION_IDS, export_model
-from kvcache.onnx.inject import inject_file
+from kvcache.onnx.inject import check_model, inject_file
 
 #: architectures whose random model supports attn_implementation="sdpa"
 SDPA_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt_neox", "opt")
@@ -261,7 +260,7 @@ def check_injected(original: Path, injected: Path, arch: str, label: str, plain:
     """Injected graph: passes onnx.checker, step logits equal ``original``'s full-sequence logits for batch
     1 and 2 (left padding), cache outputs keep the model's KV heads. ``plain``: ``original`` computes its
     own positions; the injected graph gets those (:func:`original_positions`) as ``position_ids``."""
-    onnx.checker.check_model(str(injected))
+    check_model(injected)
     ref, inj = session(original), session(injected)
     kv_heads = 2 if arch in GQA_ARCHITECTURES else 4
     has_positions = names.POSITION_IDS in {i.name for i in inj.get_inputs()}

@@ -29,6 +29,7 @@ from kvcache.models.random import ARCHITECTURES
 from kvcache.onnx import names, provenance
 from kvcache.onnx.export import NO_POSITION_IDS
 from kvcache.onnx.fold_shapes import fold_shapes
+from kvcache.onnx.fuse_norms import fuse_norms
 from kvcache.onnx.graph import Graph, probe_shapes
 from kvcache.onnx.outputs import atomic_write, check_inject_destination, copy_atomic
 from kvcache.onnx.patterns import (
@@ -40,7 +41,7 @@ from kvcache.onnx.patterns import (
     score_path,
 )
 from kvcache.onnx.rewrite_cache import inject_cache
-from kvcache.onnx.rewrite_fused import fuse_attention
+from kvcache.onnx.rewrite_fused import MS_DOMAIN, fuse_attention
 from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits
 from kvcache.onnx.rewrite_positions import rewrite_positions
 from kvcache.onnx.rewrite_sizes import split_mask_sizes
@@ -230,6 +231,10 @@ class KVCacheInjector:
             fuse_attention(g, sites, geometry, windows, probe, probe2, batch, seq, seq2, self.arch)
             g.prune()
             g.sort()
+            fuse_norms(model)
+            g = Graph(model)
+            g.prune()
+            g.sort()
             self._finish_io(model, sites, probe)
             return model
         builder = MaskBuilder(g, [(kv, self.num_heads) for kv in self.kv_heads] if self.policies else None)
@@ -348,7 +353,7 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     try:
         with atomic_write(dest, suffix=".onnx") as tmp:
             onnx.save_model(model, str(tmp))
-            onnx.checker.check_model(str(tmp))
+            check_model(tmp)
     except onnx.checker.ValidationError as exc:
         raise KVCacheError(f"the injected graph failed onnx.checker: {exc}") from exc
     if dest.parent.resolve() != model_dir.resolve():
@@ -356,6 +361,30 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
             if (model_dir / name).is_file() and not (dest.parent / name).exists():
                 copy_atomic(model_dir / name, dest.parent / name)
     return dest
+
+
+#: ONNX Runtime operators registered in the default ONNX domain, which onnx.checker does not know
+_ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
+def check_model(path: str | os.PathLike[str]) -> None:
+    """``onnx.checker`` on an injected graph file. A ``--fused`` graph is checked with ONNX Runtime's
+    default-domain operators (its fused RMS norm, written in that domain by onnxruntime-genai too) counted as
+    contrib operators, which the checker leaves to the runtime that registers them.
+
+    Raises
+    ------
+    onnx.checker.ValidationError
+        When the graph is not valid ONNX.
+    """
+    copy = onnx.load(str(path), load_external_data=False)
+    if not any(p.key == names.META_FUSED and p.value == "1" for p in copy.metadata_props):
+        onnx.checker.check_model(str(path))
+        return
+    for node in copy.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in _ORT_DEFAULT_DOMAIN_OPS:
+            node.domain = MS_DOMAIN
+    onnx.checker.check_model(copy)
 
 
 def _place_external(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> None:

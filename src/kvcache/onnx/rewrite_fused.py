@@ -218,8 +218,12 @@ def _head_split_source(g: Graph, tensor: str, layout: str, probe: dict[str, Tens
 
 def _head_merge_target(g: Graph, tensor: str, probe: dict[str, TensorInfo]) -> str | None:
     """The ``[B, S, H*D]`` output of ``Reshape(Transpose(tensor, (0, 2, 1, 3)), [B, S, H*D])`` when that is
-    the only use of ``tensor`` (``[B, H, S, D]``, the attention output), else ``None``."""
+    the only use of ``tensor`` (``[B, H, S, D]``, the attention output; reshapes that keep its shape may come
+    between), else ``None``."""
     users = g.consumers.get(tensor, [])
+    while len(users) == 1 and users[0].op_type == "Reshape" and probe.get(users[0].output[0]) is not None \
+            and probe.get(tensor) is not None and probe[users[0].output[0]].shape == probe[tensor].shape:
+        users = g.consumers.get(users[0].output[0], [])
     if len(users) != 1 or users[0].op_type != "Transpose" or \
             not any(a.name == "perm" and list(a.ints) == [0, 2, 1, 3] for a in users[0].attribute):
         return None
