@@ -6,7 +6,9 @@ same prompt, in the same process, taking turns:
 * ``kvcache``: :meth:`OnnxGenerator.generate` on the graph injected with ``--fused`` (ONNX Runtime's fused
   attention and rotary ops, the cache written in place into kvcache's dynamic store), greedy;
 * ``genai``: onnxruntime-genai's own graph of the model (its model builder, offline) and its C++ loop,
-  ``Generator.generate_next_token``, greedy.
+  ``Generator.generate_next_token``, greedy;
+* ``bare``: the same fused graph in a bare ONNX Runtime loop (``onnx_decode.raw_fused_loop``: buffers bound
+  once, three inputs bound per step, no sampling, no kvcache code): what the host side costs.
 
 The time per new token is the decode phase only (from the end of the prefill to the last token, divided by
 the forwards it ran), the median over ``--repeats`` runs. The table also says whether both produced the same
@@ -39,7 +41,20 @@ from kvcache.onnx.inject import KVCacheInjector
 from kvcache.onnx.runtime import OnnxGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_decode import build_genai  # noqa: E402
+from onnx_decode import build_genai, raw_fused_loop  # noqa: E402
+
+
+def bare(graph: Path, ids: list[int], new_tokens: int, opts: ort.SessionOptions) -> float:
+    """Seconds per step of the bare loop on the fused graph, after a prefill of ``ids``."""
+    import numpy as np
+
+    tokens = np.asarray([ids + [5] * new_tokens], dtype=np.int64)
+    step = raw_fused_loop(graph, tokens, len(ids), opts, len(ids) + new_tokens + 1)
+    step(0)
+    start = time.perf_counter()
+    for i in range(1, new_tokens):
+        step(i)
+    return (time.perf_counter() - start) / (new_tokens - 1)
 
 
 def ours(gen: OnnxGenerator, text: str, new_tokens: int) -> tuple[float, list[int]]:
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             # decoded ids re-encode into about as many tokens: cut the text to `context` of them
             text = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:context])
             ids = [int(t) for t in generator.tokenizer(text)["input_ids"]]
-            times: dict[str, list[float]] = {"kvcache": [], "genai": []}
+            times: dict[str, list[float]] = {"kvcache": [], "genai": [], "bare": []}
             tokens: dict[str, list[int]] = {}
             for r in range(args.repeats + 1):  # the first round warms up
                 for name in (("kvcache", "genai") if r % 2 else ("genai", "kvcache")):
@@ -126,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     if r:
                         times[name].append(seconds)
                     tokens[name] = out
+                if r:
+                    times["bare"].append(bare(fused_dir / "model.onnx", ids, args.new_tokens, opts))
             # onnxruntime-genai never picks the end-of-sequence token below min_length: compare up to it
             eos = tokenizer.eos_token_id
             cut = tokens["kvcache"].index(eos) if eos in tokens["kvcache"] else args.new_tokens
@@ -140,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{ort.__version__}, onnxruntime-genai {og.__version__}")
     print(f"\n{setup}\n")
     print("| prompt tokens | kvcache onnx generate (fused) ms/token | onnxruntime-genai ms/token | "
-          "kvcache / genai | same greedy tokens |")
-    print("|---:|---:|---:|---:|---|")
+          "bare ORT loop, fused graph | kvcache / genai | kvcache / bare | same greedy tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['kvcache_ms']:.2f} | {r['genai_ms']:.2f} | "
-              f"{r['kvcache_ms'] / r['genai_ms']:.2f}x | {'yes' if r['same_tokens'] else 'no'} "
-              f"(first {r['compared_tokens']}) |")
+        print(f"| {r['context']} | {r['kvcache_ms']:.2f} | {r['genai_ms']:.2f} | {r['bare_ms']:.2f} | "
+              f"{r['kvcache_ms'] / r['genai_ms']:.2f}x | {r['kvcache_ms'] / r['bare_ms']:.2f}x | "
+              f"{'yes' if r['same_tokens'] else 'no'} (first {r['compared_tokens']}) |")
     if args.json is not None:
         write_text_atomic(args.json, json.dumps({"setup": setup, "rows": rows}, indent=2))
     return 0

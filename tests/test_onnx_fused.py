@@ -48,6 +48,8 @@ onnx_exports = onnx_fixtures.onnx_exports
 REFUSED = {"bloom", "mpt"}
 #: architectures whose rotary embedding is Llama's rotate_half over the whole head
 ROTATE_HALF = {"llama", "mistral", "qwen2", "gemma"}
+#: architectures with RMS norms (fused, the residual add folded into all but the first)
+RMS_NORM = {"llama", "mistral", "qwen2", "gemma", "phi3"}
 PROMPTS = ["Hello world, how are", "ab"]  # different lengths: the second row is left-padded
 
 
@@ -66,6 +68,9 @@ def test_fused_injection_matches_full_sequence(onnx_exports, arch: str, attn: st
     ops = _ops(fused)
     assert ops["GroupQueryAttention"] == TINY["num_layers"] and ops["Softmax"] == 0
     assert ops["RotaryEmbedding"] == (2 * TINY["num_layers"] if arch in ROTATE_HALF else 0)
+    rms = arch in RMS_NORM
+    assert (ops["SimplifiedLayerNormalization"], ops["SkipSimplifiedLayerNormalization"]) == \
+        ((1, 2 * TINY["num_layers"]) if rms else (0, 0))
     meta = {p.key: p.value for p in onnx.load(str(fused), load_external_data=False).metadata_props}
     assert meta[names.META_FUSED] == "1"
     # the folded shape arithmetic and the fused attention leave far fewer nodes than the plain injection
