@@ -120,8 +120,11 @@ def llama(tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("llama")
     export_model(model, out, tokenizer=tokenizer)
     inject_file(out)
-    result = CliRunner().invoke(app, ["onnx", "inject", str(out), "--fused", "--out", str(out / "fused")])
+    result = CliRunner().invoke(app, ["onnx", "inject", str(out), "--fused", "--out", f"{out / 'fused'}/"])
     assert result.exit_code == 0, result.output
+    # a new --out written as a folder is made one, with the config and tokenizer beside the graph
+    made = {p.name for p in (out / "fused").iterdir()}
+    assert {"model_kvcache.onnx", "config.json", "tokenizer.json"} <= made
     return model, out, out / "fused"
 
 
@@ -177,7 +180,7 @@ def test_in_place_cache_equals_the_presents(llama) -> None:
 
 
 def test_policies_need_the_unfused_graph(llama) -> None:
-    with pytest.raises(UnsupportedSpecError, match="--policies"):
+    with pytest.raises(UnsupportedSpecError, match="injected with --fused.*--policies"):
         OnnxGenerator(llama[2], cache="keyformer:budget=0.5")
 
 

@@ -41,7 +41,9 @@ def export_cmd(
 def inject_cmd(
     model: str = typer.Argument(..., help="A graph exported without cache (.onnx) or its directory."),
     out: str | None = typer.Option(None, "--out",
-                                   help="Output file (default: <name>_kvcache.onnx beside the input)."),
+                                   help="Output .onnx file, or a directory (existing, or a new path ending "
+                                        "in / or without .onnx; default: <name>_kvcache.onnx beside the "
+                                        "input)."),
     attention_stats: bool = typer.Option(
         False, "--attention-stats", help="Also output attn_scores.{i} per layer (summed attention)."),
     policies: bool = typer.Option(

@@ -319,7 +319,8 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     path:
         A ``.onnx`` file (with ``config.json`` beside it) or its directory.
     out:
-        Output file, or a directory to write ``<name>_kvcache.onnx`` in; default ``<name>_kvcache.onnx``
+        Output file (``*.onnx``), or a directory to write ``<name>_kvcache.onnx`` in (an existing one, or a
+        new path ending in ``/`` or without the ``.onnx`` suffix, created); default ``<name>_kvcache.onnx``
         beside the input. Written to a temporary file first, then moved in place with ``os.replace``.
         When ``out`` is in another directory, the external-data, config and tokenizer files it needs are
         copied beside it (files already there are never replaced; a different weights file is refused).
@@ -336,7 +337,9 @@ def inject_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None
     """
     src, model_dir = _resolve(Path(path))
     dest = Path(out) if out is not None else src.with_name(src.stem + "_kvcache.onnx")
-    named_dir = dest.is_dir()
+    # a directory: one that exists, or a new path written as a folder (`out/`) or without the .onnx suffix
+    named_dir = dest.is_dir() or (out is not None and not dest.exists() and (
+        str(out).endswith(("/", os.sep)) or dest.suffix.lower() != ".onnx"))
     if named_dir:
         dest = dest / (src.stem + "_kvcache.onnx")
     if not (force and dest.exists() and dest.resolve() == src.resolve()):

@@ -86,6 +86,12 @@ class OnnxGenerator:
         self.decoder = DecoderSession(graph, providers=providers, threads=threads,
                                       session_options=session_options)
         check_config_matches(self.decoder.signature, config, graph)
+        if self.spec.policy.name != "full" and self.decoder.signature.fused:
+            raise UnsupportedSpecError(
+                f"the retention policy {self.spec.policy.name} cannot run on {graph}: it was injected with "
+                "--fused, whose attention op takes no per-head slot masks and gives no attention scores; "
+                "inject the exported graph with `kvcache onnx inject MODEL --policies` for policies (the "
+                "fused graph serves caches without one: dynamic, static, int8/int4/int2)")
         if self.spec.policy.name != "full" and not self.decoder.signature.has_slot_masks:
             raise UnsupportedSpecError(
                 f"the retention policy {self.spec.policy.name} needs a graph that takes per-layer slot masks "
