@@ -141,14 +141,15 @@ def test_fused_graph_generates_pytorch_tokens(llama, tokenizer, spec: str) -> No
     assert (gen.decoder._binding is not None) == (spec.split(":")[0] in ("dynamic", "static"))
 
 
-def test_chunked_prefill_of_a_batch_runs_rows_apart(llama) -> None:
-    """The fused op refuses a multi-token step with a past for a whole batch; rows then run alone."""
-    gen = OnnxGenerator(llama[2])
-    whole = gen.generate(PROMPTS, max_new_tokens=8, eos_token_id=[])
+@pytest.mark.parametrize("spec", ["dynamic", "int4"])
+def test_chunked_prefill_of_a_batch_runs_rows_apart(llama, tokenizer, spec: str) -> None:
+    """The fused op refuses a multi-token step with a past for a whole batch; rows then run alone, on the
+    in-place buffers (dynamic) or through the presents (int4)."""
+    gen = OnnxGenerator(llama[2], cache=spec)
     chunked = gen.generate(PROMPTS, max_new_tokens=8, eos_token_id=[], prefill_chunk_size=3)
-    assert chunked.token_ids == whole.token_ids
-    plain = OnnxGenerator(llama[1]).generate(PROMPTS, max_new_tokens=8, eos_token_id=[], prefill_chunk_size=3)
-    assert chunked.token_ids == plain.token_ids
+    ref = generate(llama[0], tokenizer, PROMPTS, cache=spec, max_new_tokens=8, eos_token_id=[],
+                   prefill_chunk_size=3)
+    assert chunked.token_ids == ref.token_ids
 
 
 def test_in_place_cache_equals_the_presents(llama) -> None:
