@@ -216,3 +216,15 @@ def test_dense_stores_open_and_commit_slots() -> None:
     assert static.physical_length == 5 and static.positions[0, 0, :6].tolist() == [0, 1, 2, 3, 4, -1]
     with pytest.raises(CacheCapacityError, match="capacity is 6"):
         static.open_slots(2, like, like)
+
+
+def test_float16_graph_fuses(tmp_path) -> None:
+    """A half-precision export fuses too (the op, the rotary and the norm take float16; the padding bias is
+    built in the graph's dtype) and gives the original's logits within half-precision error."""
+    from kvcache.onnx.check import check_graph
+
+    export_model(random_model("llama", **TINY, num_kv_heads=2).half(), tmp_path)
+    fused = inject_file(tmp_path, tmp_path / "fused.onnx", fused=True)
+    assert _ops(fused)["GroupQueryAttention"] == TINY["num_layers"]
+    report = check_graph(tmp_path / "model.onnx", fused, batch=2, prefill=5, steps=4, tol=1e-2)
+    assert report.ok, report.format()
