@@ -1,5 +1,7 @@
 """The ONNX Runtime path as bench rows: ``ort:SPEC`` runs the model exported, KV-cache-injected and driven
-by :class:`kvcache.onnx.OnnxGenerator` with kvcache's host-side cache built from ``SPEC``."""
+by :class:`kvcache.onnx.OnnxGenerator` with kvcache's host-side cache built from ``SPEC``: the ``--fused``
+graph (ONNX Runtime's fused attention, the cache written in place) for a spec without a retention policy, the
+``--policies`` graph for one with a policy."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ _EXPORTS: dict[tuple[str, bool], Path] = {}  # (model name, policies) -> injecte
 
 def _injected_graph(model_name: str, policies: bool = False) -> Path:
     """Export ``model_name`` without a cache, inject a KV cache (``--policies`` for a spec with a retention
-    policy), return the graph (a temporary folder)."""
+    policy, else ``--fused``), return the graph (a temporary folder)."""
     key = (model_name, policies)
     if key not in _EXPORTS:
         from kvcache.onnx.export import export
@@ -26,7 +28,7 @@ def _injected_graph(model_name: str, policies: bool = False) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix="kvcache-bench-onnx-"))
         atexit.register(shutil.rmtree, tmp, True)
         graph = export(model_name, tmp / "model")
-        _EXPORTS[key] = inject_file(graph, policies=policies)
+        _EXPORTS[key] = inject_file(graph, policies=policies, fused=not policies)
     return _EXPORTS[key]
 
 
