@@ -19,6 +19,7 @@ from onnx_fixtures import (
     DYNAMO_FIXTURES,
     FIXTURE_ROOT,
     MATRIX,
+    PLAIN_FIXTURES,
     TINY,
     check_injected,
     fixture_name,
@@ -83,6 +84,26 @@ def test_fused_injection_of_dynamo_fixtures(tmp_path, arch: str, attn: str) -> N
     src = FIXTURE_ROOT / fixture_name(arch, attn)
     out = inject_file(src / "model.onnx", tmp_path / "model_kvcache.onnx", fused=True)
     check_injected(src / "model.onnx", out, arch, f"{arch}/{attn}/dynamo/fused")
+
+
+OLD_PLAIN = [v for v in PLAIN_FIXTURES if v[4] != "current"]
+
+
+@pytest.mark.parametrize("variant", OLD_PLAIN, ids=[fixture_name(*v) for v in OLD_PLAIN])
+def test_fused_injection_of_old_plain_exports(tmp_path, variant) -> None:
+    """Graphs exported plain (no position_ids) with transformers 4.46: positions are rewritten before the
+    shape arithmetic is folded (GPT-J's sin/cos table, tiled to position_ids' batch, must not be folded
+    at batch 1). The old eager attention of GPT-2, GPT-NeoX and OPT (an additive padding mask read off
+    attention_mask, OPT's clamp of the scores) is refused, as ALiBi is; their SDPA exports fuse."""
+    arch, attn, name = variant[0], variant[1], fixture_name(*variant)
+    src = FIXTURE_ROOT / name / "model.onnx"
+    if arch in REFUSED or (arch in ("gpt2", "gpt_neox", "opt") and attn == "eager"):
+        with pytest.raises(KVCacheError, match=rf"{arch}: layer 0: cannot fuse the attention"):
+            inject_file(src, tmp_path / "model_kvcache.onnx", fused=True)
+        assert not (tmp_path / "model_kvcache.onnx").exists()
+        return
+    check_injected(src, inject_file(src, tmp_path / "model_kvcache.onnx", fused=True), arch,
+                   f"{name}/fused", plain=True)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gpt_neo"])

@@ -6,10 +6,11 @@ per layer that ONNX Runtime runs at every step although only the batch and seque
 On a small model they cost as much as the layer's matrix products.
 
 The pass evaluates every integer tensor computed from shapes alone (``Shape`` of a tensor whose dimensions
-the shape probes know, then ``Gather``/``Concat``/``Div``/...) at three probe sizes that differ in batch and
-sequence length, with :class:`onnx.reference.ReferenceEvaluator`:
+the shape probes know, then ``Gather``/``Concat``/``Div``/...) at probe sizes that differ in batch and
+sequence length, sizes of 1 included (a decode step feeds one token, and broadcasting treats a dimension of 1
+apart), with :class:`onnx.reference.ReferenceEvaluator`:
 
-* a value that is the same at all three does not depend on the batch or the sequence: it becomes a constant;
+* a value that is the same at all of them does not depend on the batch or the sequence: it becomes a constant;
 * a ``Reshape`` target that varies becomes a constant with ``0`` (copy the input's dimension) and ``-1``
   (the rest) where the probes show those rules give the probed output shape;
 * an ``Expand`` target that varies only where it equals the input's dimension gets ``1`` there.
@@ -90,8 +91,8 @@ def _evaluate(g: Graph, nodes: list[onnx.NodeProto], probe: dict[str, TensorInfo
 def fold_shapes(g: Graph, probes: list[dict[str, TensorInfo]]) -> int:
     """Fold shape arithmetic (see the module doc); returns how many node inputs became constants.
 
-    ``probes`` are :func:`~kvcache.onnx.graph.probe_shapes` results at three sizes that differ in batch
-    and in sequence length. Call :meth:`Graph.prune` afterwards.
+    ``probes`` are :func:`~kvcache.onnx.graph.probe_shapes` results at sizes that differ in batch and in
+    sequence length (sizes of 1 among them). Call :meth:`Graph.prune` afterwards.
     """
     nodes = _shape_nodes(g, probes)
     if not nodes:

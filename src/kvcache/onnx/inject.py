@@ -213,10 +213,6 @@ class KVCacheInjector:
         batch, seq, seq2, batch2 = self._sentinels()
         probe = probe_shapes(model, batch, seq)
         probe2 = probe_shapes(model, batch, seq2)
-        if self.fused and fold_shapes(g, [probe, probe2, probe_shapes(model, batch2, seq)]):
-            g.prune()
-            probe = probe_shapes(model, batch, seq)
-            probe2 = probe_shapes(model, batch, seq2)
         sites = self.find_sites(g, probe, probe2, batch, seq, seq2)
         self.positions = "input" if names.POSITION_IDS in g.inputs else "none"
         if self.arch not in NO_POSITION_IDS and names.POSITION_IDS not in g.inputs:
@@ -226,6 +222,14 @@ class KVCacheInjector:
         split_mask_sizes(g, sites, probe)
         windows = sliding_windows(self.config, self.num_layers)
         if self.fused:
+            # Shape arithmetic folded once position_ids is an input: before, a table could look
+            # batch-independent that position_ids then gives a batch (GPT-J's sin/cos). What the probes
+            # cannot tell apart (the current tokens from the total) feeds only the masks, which the fused
+            # attention replaces. Sizes of 1 (a decode step, one row) are probed too.
+            if fold_shapes(g, [probe_shapes(model, b, s) for b, s in
+                               ((batch, seq), (batch, seq2), (batch2, seq), (batch, 1), (1, seq))]):
+                # constant targets let shape inference see through reshapes it could not size before
+                probe, probe2 = probe_shapes(model, batch, seq), probe_shapes(model, batch, seq2)
             geometry = [(self.num_heads, kv, dim)
                         for kv, dim in zip(self.kv_heads, self.head_dims, strict=True)]
             fuse_attention(g, sites, geometry, windows, probe, probe2, batch, seq, seq2, self.arch)

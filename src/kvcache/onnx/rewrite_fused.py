@@ -55,6 +55,12 @@ class FusedInputs:
 
     def __init__(self, g: Graph) -> None:
         self.g = g
+        # tensors some graph output depends on (folded shape arithmetic leaves dead readers behind until the
+        # final prune; they must not count as uses of a tensor)
+        self.live: set[str] = set(g.outputs)
+        for node in reversed(g.topo_order()):
+            if any(o in self.live for o in node.output):
+                self.live.update(i for i in node.input if i)
         mask_shape = g.add("Shape", [names.ATTENTION_MASK], hint="mask_shape")
         self.total = g.add("Gather", [mask_shape, g.const([1], np.int64)], hint="total_len", axis=0)
         self.batch = g.add("Gather", [mask_shape, g.const([0], np.int64)], hint="batch", axis=0)
@@ -159,7 +165,7 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
         [out3, present_k, present_v], name=g.fresh("GroupQueryAttention_node"), domain=MS_DOMAIN, **attrs)
     if out4 in g.outputs:
         raise _NotFusable("the attention output is a graph output")
-    merged = _head_merge_target(g, out4, probe)
+    merged = _head_merge_target(g, out4, probe, shared.live)
     g.g.node.append(node)
     g.refresh()
     if merged is not None:  # the layer merges the heads right away: use the op's [B, S, H*D] output as is
@@ -216,18 +222,22 @@ def _head_split_source(g: Graph, tensor: str, layout: str, probe: dict[str, Tens
     return node.input[0]
 
 
-def _head_merge_target(g: Graph, tensor: str, probe: dict[str, TensorInfo]) -> str | None:
+def _head_merge_target(g: Graph, tensor: str, probe: dict[str, TensorInfo], live: set[str]) -> str | None:
     """The ``[B, S, H*D]`` output of ``Reshape(Transpose(tensor, (0, 2, 1, 3)), [B, S, H*D])`` when that is
     the only use of ``tensor`` (``[B, H, S, D]``, the attention output; reshapes that keep its shape may come
-    between), else ``None``."""
-    users = g.consumers.get(tensor, [])
+    between), else ``None``. Only nodes with an output in ``live`` count as uses."""
+
+    def uses(name: str) -> list[onnx.NodeProto]:
+        return [u for u in g.consumers.get(name, []) if any(o in live for o in u.output)]
+
+    users = uses(tensor)
     while len(users) == 1 and users[0].op_type == "Reshape" and probe.get(users[0].output[0]) is not None \
             and probe.get(tensor) is not None and probe[users[0].output[0]].shape == probe[tensor].shape:
-        users = g.consumers.get(users[0].output[0], [])
+        users = uses(users[0].output[0])
     if len(users) != 1 or users[0].op_type != "Transpose" or \
             not any(a.name == "perm" and list(a.ints) == [0, 2, 1, 3] for a in users[0].attribute):
         return None
-    after = g.consumers.get(users[0].output[0], [])
+    after = uses(users[0].output[0])
     if len(after) != 1 or after[0].op_type != "Reshape":
         return None
     source, out = probe.get(tensor), probe.get(after[0].output[0])
