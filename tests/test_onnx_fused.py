@@ -93,11 +93,12 @@ OLD_PLAIN = [v for v in PLAIN_FIXTURES if v[4] != "current"]
 def test_fused_injection_of_old_plain_exports(tmp_path, variant) -> None:
     """Graphs exported plain (no position_ids) with transformers 4.46: positions are rewritten before the
     shape arithmetic is folded (GPT-J's sin/cos table, tiled to position_ids' batch, must not be folded
-    at batch 1). The old eager attention of GPT-2, GPT-NeoX and OPT (an additive padding mask read off
-    attention_mask, OPT's clamp of the scores) is refused, as ALiBi is; their SDPA exports fuse."""
+    at batch 1). The old eager attention adds terms the fused op makes redundant (GPT-2's additive padding
+    mask read off attention_mask, GPT-NeoX's baddbmm zeros): recognised, it fuses. OPT's (batch * heads)
+    3-D attention is refused, as ALiBi is; its SDPA export fuses."""
     arch, attn, name = variant[0], variant[1], fixture_name(*variant)
     src = FIXTURE_ROOT / name / "model.onnx"
-    if arch in REFUSED or (arch in ("gpt2", "gpt_neox", "opt") and attn == "eager"):
+    if arch in REFUSED or (arch == "opt" and attn == "eager"):
         with pytest.raises(KVCacheError, match=rf"{arch}: layer 0: cannot fuse the attention"):
             inject_file(src, tmp_path / "model_kvcache.onnx", fused=True)
         assert not (tmp_path / "model_kvcache.onnx").exists()

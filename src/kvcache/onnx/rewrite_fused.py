@@ -39,6 +39,7 @@ from kvcache.onnx import names
 from kvcache.onnx.graph import Graph, TensorInfo
 from kvcache.onnx.patterns import AttentionSite, kv_source, score_path
 from kvcache.onnx.rewrite_rotary import RotaryTables, match_rotary
+from kvcache.onnx.score_terms import is_floor_clamp, is_padding_mask, is_zeros
 
 #: ONNX Runtime's domain of contrib ops
 MS_DOMAIN = "com.microsoft"
@@ -298,8 +299,11 @@ def _score_scale(g: Graph, site: AttentionSite, q_chain: list[onnx.NodeProto], p
         if node.op_type in _PASSIVE_SCORE_OPS:
             continue
         sides = [k for k in range(len(node.input)) if k != index and node.input[k]]
-        if node.op_type == "Add" and all((id(node), k) in masks for k in sides):
+        if node.op_type == "Add" and all((id(node), k) in masks or is_padding_mask(g, node.input[k])
+                                         or is_zeros(g, node.input[k]) for k in sides):
             continue  # a mask: the op masks causally, padding comes as its attention_bias
+        if is_floor_clamp(g, node, index):
+            continue
         if node.op_type == "Where" and ((id(node), 0) in masks or not g.ancestor_ops(node.input[0])[1]):
             # masked scores replaced by a fill value, the condition being an injected mask or a structure
             # that reads no input (GPT-Neo's causal/local band sliced from a constant): the op's causal
