@@ -259,3 +259,51 @@ def _collect(model: onnx.ModelProto, info: dict[str, TensorInfo]) -> None:
         if tt.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         info[vi.name] = TensorInfo(shape, tt.elem_type)
+
+
+def evaluate_upstream(g: Graph, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """Values of ``outputs`` computed by the nodes above them (``Shape`` included) from the graph inputs in
+    ``feeds`` and embedded constants, with :class:`onnx.reference.ReferenceEvaluator`.
+
+    ``None`` when the computation reads another graph input or an external weight, or when an operator is one
+    the reference evaluator cannot run: the caller then treats the tensors as unknown.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    needed: list[onnx.NodeProto] = []
+    inputs: set[str] = set()
+    seen: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        tensor = stack.pop()
+        if not tensor or tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in g.inputs:
+            if tensor not in feeds:
+                return None
+            inputs.add(tensor)
+            continue
+        if tensor in g.initializers:
+            if g.initializers[tensor].data_location == TensorProto.EXTERNAL:
+                return None
+            continue
+        node = g.producer.get(tensor)
+        if node is None:
+            return None
+        if node not in needed:
+            needed.append(node)
+        stack.extend(node.input)
+    order = [n for n in g.topo_order() if n in needed]
+    graph = helper.make_graph(
+        order, "upstream",
+        [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype),
+                                       list(feeds[name].shape)) for name in sorted(inputs)],
+        [helper.make_empty_tensor_value_info(name) for name in outputs],
+        initializer=[g.initializers[t] for t in sorted(seen) if t in g.initializers])
+    try:
+        values = ReferenceEvaluator(helper.make_model(graph, opset_imports=list(g.model.opset_import))).run(
+            None, {name: feeds[name] for name in inputs})
+    except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run
+        return None
+    return [np.asarray(v) for v in values]

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
-from onnx.reference import ReferenceEvaluator
 
 from kvcache.onnx import names
-from kvcache.onnx.graph import Graph, TensorInfo
+from kvcache.onnx.graph import Graph, TensorInfo, evaluate_upstream
 
 #: ONNX Runtime's domain of contrib ops
 MS_DOMAIN = "com.microsoft"
@@ -115,38 +114,9 @@ def match_rotary(g: Graph, tensor: str, probe: dict[str, TensorInfo], head_dim: 
 def tables_have_equal_halves(g: Graph, cos: str, sin: str, head_dim: int) -> bool:
     """Evaluate the ``cos``/``sin`` sub-graph (it may read only ``position_ids`` and embedded constants) on
     two rows of positions; True when each table's two halves are equal (``rotate_half`` tables)."""
-    needed: list[onnx.NodeProto] = []
-    seen: set[str] = set()
-    stack = [cos, sin]
-    while stack:
-        tensor = stack.pop()
-        if tensor in seen or not tensor:
-            continue
-        seen.add(tensor)
-        if tensor == names.POSITION_IDS:
-            continue
-        if tensor in g.initializers:
-            if g.initializers[tensor].data_location == onnx.TensorProto.EXTERNAL:
-                return False
-            continue
-        node = g.producer.get(tensor)
-        if node is None:
-            return False  # another graph input
-        if node not in needed:
-            needed.append(node)
-        stack.extend(node.input)
-    order = [n for n in g.topo_order() if n in needed]
-    inits = [g.initializers[t] for t in sorted(seen) if t in g.initializers]
-    graph = helper.make_graph(
-        order, "rotary_tables",
-        [helper.make_tensor_value_info(names.POSITION_IDS, onnx.TensorProto.INT64, [2, 5])],
-        [helper.make_empty_tensor_value_info(cos), helper.make_empty_tensor_value_info(sin)],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=list(g.model.opset_import))
     positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]], dtype=np.int64)
-    try:
-        tables = ReferenceEvaluator(model).run(None, {names.POSITION_IDS: positions})
-    except Exception:  # noqa: BLE001 - an op the reference evaluator cannot run: do not fuse
+    tables = evaluate_upstream(g, [cos, sin], {names.POSITION_IDS: positions})
+    if tables is None:
         return False
     half = head_dim // 2
     for table in tables:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
+from onnx import numpy_helper
 
 from kvcache.onnx import names
-from kvcache.onnx.graph import Graph
+from kvcache.onnx.graph import Graph, evaluate_upstream
 
 #: scores are finite and far above this: a clamp at it (or at the dtype's lowest value) changes nothing
 _LOWEST = -1e30
@@ -23,60 +22,20 @@ _LOWEST = -1e30
 _BLOCKED = -1e4
 
 
-def _upstream(g: Graph, tensor: str) -> tuple[list[onnx.NodeProto], set[str]] | None:
-    """Nodes computing ``tensor`` (through ``Shape`` too) and the graph inputs they read, or ``None`` when
-    they read an external weight."""
-    nodes: list[onnx.NodeProto] = []
-    inputs: set[str] = set()
-    seen: set[str] = set()
-    stack = [tensor]
-    while stack:
-        t = stack.pop()
-        if not t or t in seen:
-            continue
-        seen.add(t)
-        if t in g.inputs:
-            inputs.add(t)
-            continue
-        if t in g.initializers:
-            if g.initializers[t].data_location == onnx.TensorProto.EXTERNAL:
-                return None
-            continue
-        node = g.producer.get(t)
-        if node is None:
-            return None
-        if node not in nodes:
-            nodes.append(node)
-        stack.extend(node.input)
-    return nodes, inputs
-
-
 def is_padding_mask(g: Graph, tensor: str) -> bool:
     """True when ``tensor`` is an additive padding mask: computed from the graph's ``[batch, seq]`` inputs
     only, and on a test batch (one row left-padded by two tokens) 0 at every real key and at most -1e4 at
     every padded one, for every query row and head; keys after the query (which the op's causal mask hides
     anyway) may hold either."""
-    found = _upstream(g, tensor)
-    if found is None:
-        return False
-    nodes, inputs = found
-    if names.ATTENTION_MASK not in inputs or not inputs <= {names.INPUT_IDS, names.ATTENTION_MASK,
-                                                           names.POSITION_IDS}:
+    if names.ATTENTION_MASK not in g.ancestor_ops(tensor)[1]:
         return False
     mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=np.int64)
     feeds = {names.INPUT_IDS: np.full((2, 5), 3, np.int64), names.ATTENTION_MASK: mask,
              names.POSITION_IDS: np.clip(mask.cumsum(-1) - 1, 0, None)}
-    order = [n for n in g.topo_order() if n in nodes]
-    graph = helper.make_graph(
-        order, "padding_mask",
-        [helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [2, 5]) for name in sorted(inputs)],
-        [helper.make_empty_tensor_value_info(tensor)],
-        initializer=[g.initializers[i] for n in order for i in n.input if i in g.initializers])
-    try:
-        (value,) = ReferenceEvaluator(helper.make_model(graph, opset_imports=list(g.model.opset_import))).run(
-            None, {name: feeds[name] for name in inputs})
-    except Exception:  # noqa: BLE001 - an op the reference evaluator cannot run: not recognised
+    found = evaluate_upstream(g, [tensor], {k: v for k, v in feeds.items() if k in g.inputs})
+    if found is None:
         return False
+    (value,) = found
     value = np.asarray(value, dtype=np.float64)
     if value.ndim != 4 or value.shape[0] != 2 or value.shape[-1] != 5:
         return False
