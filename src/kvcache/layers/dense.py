@@ -96,13 +96,8 @@ class DynamicLayer(CacheLayer):
             new_p[:, :, : self._length].copy_(self._pos[:, :, : self._length])
         self._keys, self._values, self._pos = new_k, new_v, new_p
 
-    def update(self, key: torch.Tensor, value: torch.Tensor,
-               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(B, H_kv, T_new, D)`` keys/values; return views ``(B, H_kv, T_phys, D)`` of all tokens."""
-        _check_kv(key, value)
-        b, h, t = key.shape[:3]
-        new_pos = new_positions(self.seen, t, valid, b, h, key.device)
-        end = self._length + key.shape[2]
+    def _make_room(self, key: torch.Tensor, value: torch.Tensor, end: int) -> None:
+        """Buffers laid out like ``key``/``value`` with at least ``end`` slots (the held ones kept)."""
         keys, values = self._keys, self._values
         if keys is None or values is None or not self._length:
             # Empty: (re)allocate for this batch, with room to decode without re-allocating soon.
@@ -116,6 +111,15 @@ class DynamicLayer(CacheLayer):
             )
         elif end > keys.shape[2]:
             self._grow(key, value, end)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H_kv, T_new, D)`` keys/values; return views ``(B, H_kv, T_phys, D)`` of all tokens."""
+        _check_kv(key, value)
+        b, h, t = key.shape[:3]
+        new_pos = new_positions(self.seen, t, valid, b, h, key.device)
+        end = self._length + key.shape[2]
+        self._make_room(key, value, end)
         keys, values, pos = self._keys, self._values, self._pos
         if keys is None or values is None or pos is None:  # unreachable: _grow allocated them
             raise RuntimeError("DynamicLayer buffers missing after allocation")
@@ -176,14 +180,7 @@ class DynamicLayer(CacheLayer):
         keys, values = self._keys, self._values
         if self._length and keys is not None and end <= keys.shape[2] and keys.shape[0] == key_like.shape[0]:
             return keys, values  # type: ignore[return-value]  # a decode step: room left (the common case)
-        if keys is None or values is None or not self._length:
-            self._length = 0
-            self._grow(key_like, value_like, end)
-        elif _layout(keys, values) != _layout(key_like, value_like):
-            raise KVCacheError(f"keys {tuple(key_like.shape)} do not match the cached {tuple(keys.shape)} in "
-                               "(B, H_kv, *, D); call reset() before a new batch")
-        elif end > keys.shape[2]:
-            self._grow(key_like, value_like, end)
+        self._make_room(key_like, value_like, end)
         assert self._keys is not None and self._values is not None
         return self._keys, self._values
 
@@ -407,6 +404,34 @@ class StaticLayer(CacheLayer):
         return self.capacity
 
     # ----- the contract ---------------------------------------------------------------------------------
+    def _make_room(self, key: torch.Tensor, value: torch.Tensor, count: int) -> None:
+        """Check (eagerly) that ``count`` more tokens fit, and re-allocate an empty store whose buffers are
+        not laid out like ``key``/``value``.
+
+        Raises
+        ------
+        CacheCapacityError
+            If they do not fit.
+        """
+        held = self._held()
+        if held + count > self.capacity:
+            raise CacheCapacityError(
+                f"static cache overflow: capacity is {self.capacity} tokens, {held} are held and "
+                f"{count} more were requested; use a larger capacity (static:capacity=N with "
+                f"N >= {held + count}) or the growable 'dynamic' layout"
+            )
+        k_buf, v_buf = self._keys, self._values
+        same_kind = (key.dtype, key.device) == (k_buf.dtype, k_buf.device)
+        if not same_kind or _layout(key, value) != _layout(k_buf, v_buf):
+            if held or self._evicted:
+                raise KVCacheError(
+                    f"new keys {tuple(key.shape)} {key.dtype} on {key.device} do not match the static "
+                    f"buffers {tuple(k_buf.shape)} {k_buf.dtype} on {k_buf.device}; "
+                    "call reset() before a new batch"
+                )
+            b, h, _, dk = key.shape
+            self._allocate(b, h, dk, value.shape[3], key.dtype, key.device)
+
     def update(self, key: torch.Tensor, value: torch.Tensor,
                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``(B, H_kv, T_new, D)`` keys/values; return the full ``(B, H_kv, capacity, D)`` buffers.
@@ -420,24 +445,7 @@ class StaticLayer(CacheLayer):
         t = key.shape[2]
         compiling = torch.compiler.is_compiling()
         if not compiling:
-            held = self._held()
-            if held + t > self.capacity:
-                raise CacheCapacityError(
-                    f"static cache overflow: capacity is {self.capacity} tokens, {held} are held and "
-                    f"{t} more were requested; use a larger capacity (static:capacity=N with "
-                    f"N >= {held + t}) or the growable 'dynamic' layout"
-                )
-            k_buf, v_buf = self._keys, self._values
-            same_kind = (key.dtype, key.device) == (k_buf.dtype, k_buf.device)
-            if not same_kind or _layout(key, value) != _layout(k_buf, v_buf):
-                if held or self._evicted:
-                    raise KVCacheError(
-                        f"new keys {tuple(key.shape)} {key.dtype} on {key.device} do not match the static "
-                        f"buffers {tuple(k_buf.shape)} {k_buf.dtype} on {k_buf.device}; "
-                        "call reset() before a new batch"
-                    )
-                b, h, _, dk = key.shape
-                self._allocate(b, h, dk, value.shape[3], key.dtype, key.device)
+            self._make_room(key, value, t)
         slots = torch.arange(t, device=self._keys.device) + self._write_pos
         b, h = key.shape[:2]
         self._keys.index_copy_(2, slots, key)
@@ -466,21 +474,7 @@ class StaticLayer(CacheLayer):
         CacheCapacityError
             If ``count`` more tokens do not fit.
         """
-        held = self._held()
-        if held + count > self.capacity:
-            raise CacheCapacityError(
-                f"static cache overflow: capacity is {self.capacity} tokens, {held} are held and {count} "
-                f"more were requested; use a larger capacity (static:capacity=N with N >= {held + count}) or "
-                "the growable 'dynamic' layout")
-        k_buf = self._keys
-        if (key_like.dtype, key_like.device) != (k_buf.dtype, k_buf.device) \
-                or _layout(key_like, value_like) != _layout(k_buf, self._values):
-            if held or self._evicted:
-                raise KVCacheError(f"keys {tuple(key_like.shape)} {key_like.dtype} do not match the static "
-                                   f"buffers {tuple(k_buf.shape)} {k_buf.dtype}; call reset() before a new "
-                                   "batch")
-            b, h, _, dk = key_like.shape
-            self._allocate(b, h, dk, value_like.shape[3], key_like.dtype, key_like.device)
+        self._make_room(key_like, value_like, count)
         return self._keys, self._values
 
     def commit_slots(self, count: int, valid: torch.Tensor | None = None) -> None:
