@@ -41,7 +41,7 @@ from kvcache.onnx.patterns import (
     score_path,
 )
 from kvcache.onnx.rewrite_cache import inject_cache
-from kvcache.onnx.rewrite_fused import MS_DOMAIN, fuse_attention
+from kvcache.onnx.rewrite_fused import fuse_attention
 from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, apply_mask_edits
 from kvcache.onnx.rewrite_positions import rewrite_positions
 from kvcache.onnx.rewrite_sizes import split_mask_sizes
@@ -390,7 +390,7 @@ def check_model(path: str | os.PathLike[str]) -> None:
         return
     for node in copy.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type in _ORT_DEFAULT_DOMAIN_OPS:
-            node.domain = MS_DOMAIN
+            node.domain = names.CONTRIB_DOMAIN
     onnx.checker.check_model(copy)
 
 

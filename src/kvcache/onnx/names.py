@@ -86,6 +86,8 @@ META_POLICIES = META_PREFIX + "policies"
 #: "1" when every attention layer is ONNX Runtime's fused ``GroupQueryAttention`` (``--fused``): past and
 #: present may then share one preallocated buffer (:mod:`kvcache.onnx.rewrite_fused`)
 META_FUSED = META_PREFIX + "fused"
+#: ONNX Runtime's domain of contrib operators (the fused graph's attention, rotary embedding and norm)
+CONTRIB_DOMAIN = "com.microsoft"
 #: file name and sha256 of the no-cache graph an injected graph was made from (checked before it runs)
 META_SOURCE_FILE = META_PREFIX + "source_file"
 META_SOURCE_SHA256 = META_PREFIX + "source_sha256"

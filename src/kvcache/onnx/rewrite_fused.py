@@ -41,8 +41,6 @@ from kvcache.onnx.patterns import AttentionSite, kv_source, score_path
 from kvcache.onnx.rewrite_rotary import RotaryTables, match_rotary
 from kvcache.onnx.score_terms import is_floor_clamp, is_padding_mask, is_zeros
 
-#: ONNX Runtime's domain of contrib ops
-MS_DOMAIN = "com.microsoft"
 #: element types the op's CPU and CUDA kernels take
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 #: ops between the Softmax and the probabilities·V MatMul that change nothing at inference
@@ -102,8 +100,8 @@ def fuse_attention(g: Graph, sites: list[AttentionSite], geometry: list[tuple[in
     KVCacheError
         A layer whose attention is not a scaled Q·K^T plus a mask, naming the architecture, layer and reason.
     """
-    if not any(o.domain == MS_DOMAIN for o in g.model.opset_import):
-        g.model.opset_import.add(domain=MS_DOMAIN, version=1)
+    if not any(o.domain == names.CONTRIB_DOMAIN for o in g.model.opset_import):
+        g.model.opset_import.add(domain=names.CONTRIB_DOMAIN, version=1)
     shared = FusedInputs(g)
     for site in sites:
         heads, kv_heads, head_dim = geometry[site.layer]
@@ -163,7 +161,8 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
         "GroupQueryAttention",
         [q3, k3, v3, past_k, past_v, shared.seqlens_k, shared.total_length, "", "", "",
          shared.bias(elem_type)],
-        [out3, present_k, present_v], name=g.fresh("GroupQueryAttention_node"), domain=MS_DOMAIN, **attrs)
+        [out3, present_k, present_v], name=g.fresh("GroupQueryAttention_node"), domain=names.CONTRIB_DOMAIN,
+        **attrs)
     if out4 in g.outputs:
         raise _NotFusable("the attention output is a graph output")
     merged = _head_merge_target(g, out4, probe, shared.live)

@@ -27,9 +27,6 @@ from onnx import helper
 from kvcache.onnx import names
 from kvcache.onnx.graph import Graph, TensorInfo, evaluate_upstream
 
-#: ONNX Runtime's domain of contrib ops
-MS_DOMAIN = "com.microsoft"
-
 
 @dataclass(frozen=True)
 class Rotary:
@@ -170,7 +167,7 @@ class RotaryTables:
         g.g.node.append(helper.make_node(
             "RotaryEmbedding", [flat, self.index(rotary.cos), self.table(rotary.cos, head_dim),
                                 self.table(rotary.sin, head_dim)],
-            [out], name=g.fresh("RotaryEmbedding_node"), domain=MS_DOMAIN, num_heads=heads,
+            [out], name=g.fresh("RotaryEmbedding_node"), domain=names.CONTRIB_DOMAIN, num_heads=heads,
             rotary_embedding_dim=head_dim))
         g.refresh()
         return out

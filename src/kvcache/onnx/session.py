@@ -239,8 +239,7 @@ class DecoderSession:
             self._outputs += [names.attn_scores(i) for i in range(sig.num_layers)]
         self._scratch: dict[str, np.ndarray] = {}
         self._binding: ort.IOBinding | None = None
-        self._bound: dict[str, tuple[int, tuple[int, ...]]] = {}
-        self._bound_tensors: list[torch.Tensor] = []  # kept alive: ORT writes into them
+        self._bound: dict[str, torch.Tensor] = {}  # cache input -> the buffer bound to it (kept alive)
         self._bound_logits: torch.Tensor | None = None  # a caller's logits buffer bound now (kept alive)
         self._np_dtype = np.dtype(torch.empty(0, dtype=self.signature.dtype).numpy().dtype)
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == names.LOGITS)
@@ -387,23 +386,18 @@ class DecoderSession:
             feeds.append((names.POSITION_IDS, position_ids))
         for name, tensor in feeds:  # small: ORT copies them
             binding.bind_cpu_input(name, tensor if isinstance(tensor, np.ndarray) else _as_numpy(tensor))
-        flat = [t for pair in buffers for t in pair]
-        if len(flat) == len(self._bound_tensors) and \
-                all(a is b for a, b in zip(flat, self._bound_tensors, strict=True)):
-            buffers = []  # the very tensors bound last step (held by us, so their memory cannot have moved)
-        self._bound_tensors = flat
         for i, (k, v) in enumerate(buffers):
             for past, present, buf in ((names.past_key(i), names.present_key(i), k),
                                        (names.past_value(i), names.present_value(i), v)):
-                key = (buf.data_ptr(), tuple(buf.shape))
-                if self._bound.get(past) == key:
-                    continue
+                if self._bound.get(past) is buf:
+                    continue  # the tensor bound last step: held here, so its memory cannot have moved
                 if not buf.is_contiguous() or buf.dtype != sig.dtype or buf.device.type != "cpu":
                     raise KVCacheError(f"layer {i}: in-place buffers must be contiguous {sig.dtype} CPU "
                                        f"tensors, got {buf.dtype} on {buf.device}")
-                binding.bind_input(past, "cpu", 0, self._np_dtype, key[1], key[0])
-                binding.bind_output(present, "cpu", 0, self._np_dtype, key[1], key[0])
-                self._bound[past] = key
+                shape, ptr = tuple(buf.shape), buf.data_ptr()
+                binding.bind_input(past, "cpu", 0, self._np_dtype, shape, ptr)
+                binding.bind_output(present, "cpu", 0, self._np_dtype, shape, ptr)
+                self._bound[past] = buf
         logits = logits_out
         if logits is None and sig.vocab_size is not None:  # written by ORT straight into a tensor of ours
             logits = torch.empty((*input_ids.shape, sig.vocab_size), dtype=self.logits_dtype)
