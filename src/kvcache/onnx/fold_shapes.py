@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
-from kvcache.onnx.graph import Graph, TensorInfo
+from kvcache.onnx.graph import Graph, TensorInfo, evaluate_upstream
 
 #: ops evaluated when all their inputs are known shape values
 _FOLDABLE = frozenset({
@@ -64,30 +62,6 @@ def _shape_nodes(g: Graph, probes: list[dict[str, TensorInfo]]) -> list[onnx.Nod
     return picked
 
 
-def _evaluate(g: Graph, nodes: list[onnx.NodeProto], probe: dict[str, TensorInfo]) -> dict[str, np.ndarray]:
-    """Values of the outputs of ``nodes`` when the graph's tensors have the shapes of ``probe``."""
-    made = []
-    for node in nodes:
-        if node.op_type in ("Shape", "Size"):
-            shape = np.array(_known(probe.get(node.input[0])), dtype=np.int64)
-            if node.op_type == "Size":
-                value = np.array(int(np.prod(shape)), dtype=np.int64)
-            else:
-                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-                value = shape[attrs.get("start", 0): attrs.get("end", len(shape))]
-            made.append(helper.make_node("Constant", [], list(node.output),
-                                         value=numpy_helper.from_array(value)))
-        else:
-            made.append(node)
-    used = {i for n in made for i in n.input if i}
-    inits = [g.initializers[i] for i in sorted(used) if i in g.initializers]
-    outputs = [helper.make_empty_tensor_value_info(o) for n in nodes for o in n.output]
-    graph = helper.make_graph(made, "shapes", [], outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=list(g.model.opset_import))
-    results = ReferenceEvaluator(model).run(None, {})
-    return {o.name: np.asarray(r) for o, r in zip(outputs, results, strict=True)}
-
-
 def fold_shapes(g: Graph, probes: list[dict[str, TensorInfo]]) -> int:
     """Fold shape arithmetic (see the module doc); returns how many node inputs became constants.
 
@@ -97,10 +71,11 @@ def fold_shapes(g: Graph, probes: list[dict[str, TensorInfo]]) -> int:
     nodes = _shape_nodes(g, probes)
     if not nodes:
         return 0
-    try:
-        values = [_evaluate(g, nodes, p) for p in probes]
-    except Exception:  # noqa: BLE001 - an op the reference evaluator cannot run: fold nothing
-        return 0
+    outputs = [o for n in nodes for o in n.output]
+    evaluated = [evaluate_upstream(g, outputs, {}, p) for p in probes]
+    values = [v for v in evaluated if v is not None and len(v) == len(outputs)]
+    if len(values) != len(probes):
+        return 0  # an op the reference evaluator cannot run: fold nothing
     inside = {id(n) for n in nodes}
     folded = 0
     constants: dict[str, str] = {}

@@ -261,49 +261,70 @@ def _collect(model: onnx.ModelProto, info: dict[str, TensorInfo]) -> None:
         info[vi.name] = TensorInfo(shape, tt.elem_type)
 
 
-def evaluate_upstream(g: Graph, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray] | None:
-    """Values of ``outputs`` computed by the nodes above them (``Shape`` included) from the graph inputs in
-    ``feeds`` and embedded constants, with :class:`onnx.reference.ReferenceEvaluator`.
+def evaluate_upstream(g: Graph, outputs: list[str], feeds: dict[str, np.ndarray],
+                      probe: dict[str, TensorInfo] | None = None) -> dict[str, np.ndarray] | None:
+    """Values of ``outputs`` computed by the nodes above them from the graph inputs in ``feeds`` and embedded
+    constants, with :class:`onnx.reference.ReferenceEvaluator`.
 
-    ``None`` when the computation reads another graph input or an external weight, or when an operator is one
-    the reference evaluator cannot run: the caller then treats the tensors as unknown.
+    With a shape ``probe``, ``Shape``/``Size`` of a tensor that is not fed become constants from it (so no
+    weight is read to size an activation); an output whose computation needs a size the probe does not know
+    is left out of the result. Without one they are evaluated like any node.
+
+    Returns ``None`` when the computation reads a graph input that is not fed or an external weight, or uses
+    an operator the reference evaluator cannot run: the caller then treats the tensors as unknown.
     """
     from onnx.reference import ReferenceEvaluator
 
-    needed: list[onnx.NodeProto] = []
-    inputs: set[str] = set()
-    seen: set[str] = set()
+    def sized(node: onnx.NodeProto) -> bool:
+        return probe is not None and node.op_type in ("Shape", "Size") and node.input[0] not in feeds
+
+    needed: set[str] = set()
     stack = list(outputs)
     while stack:
         tensor = stack.pop()
-        if not tensor or tensor in seen:
+        if not tensor or tensor in needed:
             continue
-        seen.add(tensor)
-        if tensor in g.inputs:
-            if tensor not in feeds:
-                return None
-            inputs.add(tensor)
-            continue
-        if tensor in g.initializers:
-            if g.initializers[tensor].data_location == TensorProto.EXTERNAL:
-                return None
-            continue
+        needed.add(tensor)
         node = g.producer.get(tensor)
-        if node is None:
-            return None
-        if node not in needed:
-            needed.append(node)
-        stack.extend(node.input)
-    order = [n for n in g.topo_order() if n in needed]
+        if node is not None and not sized(node):
+            stack.extend(node.input)
+    made: list[onnx.NodeProto] = []
+    unknown: set[str] = set()
+    for node in g.topo_order():
+        if not any(o in needed for o in node.output):
+            continue
+        if sized(node):
+            info = probe.get(node.input[0]) if probe is not None else None
+            if info is None or info.shape is None or None in info.shape:
+                unknown.update(node.output)
+                continue
+            shape = np.array(info.shape, dtype=np.int64)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            value = np.array(shape.size if node.op_type == "Size" else
+                             shape[attrs.get("start", 0): attrs.get("end", len(shape))], dtype=np.int64)
+            made.append(helper.make_node("Constant", [], [node.output[0]],
+                                         value=numpy_helper.from_array(value)))
+        elif any(i in unknown for i in node.input):
+            unknown.update(node.output)
+        else:
+            made.append(node)
+    inputs = sorted(needed & g.inputs)
+    if any(name not in feeds for name in inputs):
+        return None
+    initializers = [g.initializers[t] for t in sorted(needed & set(g.initializers))]
+    if any(t.data_location == TensorProto.EXTERNAL for t in initializers):
+        return None
+    wanted = [t for t in outputs if t not in unknown]
+    if not wanted:
+        return {}
     graph = helper.make_graph(
-        order, "upstream",
+        made, "upstream",
         [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype),
-                                       list(feeds[name].shape)) for name in sorted(inputs)],
-        [helper.make_empty_tensor_value_info(name) for name in outputs],
-        initializer=[g.initializers[t] for t in sorted(seen) if t in g.initializers])
+                                       list(feeds[name].shape)) for name in inputs],
+        [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=initializers)
     try:
         values = ReferenceEvaluator(helper.make_model(graph, opset_imports=list(g.model.opset_import))).run(
             None, {name: feeds[name] for name in inputs})
     except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run
         return None
-    return [np.asarray(v) for v in values]
+    return {name: np.asarray(v) for name, v in zip(wanted, values, strict=True)}

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
-from kvcache.onnx.graph import Graph, TensorInfo
+from kvcache.onnx.graph import Graph, TensorInfo, evaluate_upstream
 from kvcache.onnx.patterns import AttentionSite
 
 _INT = (TensorProto.INT64, TensorProto.INT32)
@@ -63,62 +63,12 @@ def _evaluate(g: Graph, tensors: list[str], probe: dict[str, TensorInfo], batch:
               seq: int) -> dict[str, np.ndarray]:
     """Values of size-closure ``tensors`` for :func:`_probe_feeds` inputs (sizes taken from ``probe``).
 
-    ``Shape``/``Size`` of a tensor outside the closure become constants from the shape probe, so no weight
-    is read; tensors whose computation needs an unknown size or an external initializer are left out.
+    ``Shape``/``Size`` of a tensor other than the inputs become constants from the shape probe, so no weight
+    is read; tensors whose computation needs an unknown size are left out, and nothing is returned when one
+    needs an external initializer.
     """
-    needed: set[str] = set()
-    stack = list(tensors)
-    while stack:
-        t = stack.pop()
-        if t in needed:
-            continue
-        needed.add(t)
-        node = g.producer.get(t)
-        if node is not None and node.op_type not in _SIZE_OPS:
-            stack.extend(i for i in node.input if i)
-        elif node is not None and node.input[0] in (names.ATTENTION_MASK, names.INPUT_IDS):
-            stack.append(node.input[0])
-    nodes: list[onnx.NodeProto] = []
-    unknown: set[str] = set()
-    for node in g.topo_order():
-        if not any(o in needed for o in node.output):
-            continue
-        if node.op_type in _SIZE_OPS and node.input[0] not in (names.ATTENTION_MASK, names.INPUT_IDS):
-            info = probe.get(node.input[0])
-            if info is None or info.shape is None or None in info.shape:
-                unknown.update(node.output)
-                continue
-            shape = np.array(info.shape, np.int64)
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            value = np.array(shape.size if node.op_type == "Size" else
-                             shape[attrs.get("start", 0): attrs.get("end", len(shape))], np.int64)
-            nodes.append(helper.make_node("Constant", [], [node.output[0]],
-                                          value=onnx.numpy_helper.from_array(value)))
-        elif any(i in unknown for i in node.input):
-            unknown.update(node.output)
-        else:
-            nodes.append(node)
-    inits = []
-    for name in sorted(needed & set(g.initializers)):
-        t = g.initializers[name]
-        if t.data_location == TensorProto.EXTERNAL:
-            return {}
-        inits.append(t)
-    wanted = [t for t in tensors if t not in unknown]
-    if not wanted:
-        return {}
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [batch, seq])
-              for n in (names.INPUT_IDS, names.ATTENTION_MASK)]
-    outputs = [helper.make_tensor_value_info(t, probe[t].elem_type, None) for t in wanted]
-    graph = helper.make_graph(nodes, "positions", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=list(g.model.opset_import))
-    from onnx.reference import ReferenceEvaluator
-
-    try:
-        values = ReferenceEvaluator(model).run(None, _probe_feeds(batch, seq))
-    except Exception:  # an op the reference evaluator cannot run: no position is recognised there
-        return {}
-    return dict(zip(wanted, values, strict=True))
+    feeds = _probe_feeds(batch, seq)
+    return evaluate_upstream(g, tensors, {k: v for k, v in feeds.items() if k in g.inputs}, probe) or {}
 
 
 def _position_kind(value: np.ndarray, mask: np.ndarray) -> str | None:

@@ -112,11 +112,11 @@ def tables_have_equal_halves(g: Graph, cos: str, sin: str, head_dim: int) -> boo
     """Evaluate the ``cos``/``sin`` sub-graph (it may read only ``position_ids`` and embedded constants) on
     two rows of positions; True when each table's two halves are equal (``rotate_half`` tables)."""
     positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]], dtype=np.int64)
-    tables = evaluate_upstream(g, [cos, sin], {names.POSITION_IDS: positions})
-    if tables is None:
+    values = evaluate_upstream(g, [cos, sin], {names.POSITION_IDS: positions})
+    if values is None:
         return False
     half = head_dim // 2
-    for table in tables:
+    for table in values.values():
         table = np.asarray(table)
         if table.shape != (2, 5, head_dim) or not np.array_equal(table[..., :half], table[..., half:]):
             return False

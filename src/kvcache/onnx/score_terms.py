@@ -35,7 +35,7 @@ def is_padding_mask(g: Graph, tensor: str) -> bool:
     found = evaluate_upstream(g, [tensor], {k: v for k, v in feeds.items() if k in g.inputs})
     if found is None:
         return False
-    (value,) = found
+    value = found[tensor]
     value = np.asarray(value, dtype=np.float64)
     if value.ndim != 4 or value.shape[0] != 2 or value.shape[-1] != 5:
         return False
