@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
 import onnx_fixtures
 import pytest
@@ -250,3 +251,65 @@ def test_float16_graph_fuses(tmp_path) -> None:
     assert _ops(fused)["GroupQueryAttention"] == TINY["num_layers"]
     report = check_graph(tmp_path / "model.onnx", fused, batch=2, prefill=5, steps=4, tol=1e-2)
     assert report.ok, report.format()
+
+
+def _gqa_nodes(path) -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(str(path), load_external_data=False).graph.node
+            if n.op_type == "GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("arch", sorted(ROTATE_HALF))
+def test_attention_op_rotates_and_reads_packed_projections(tmp_path, arch: str) -> None:
+    """Heads of 16: the op rotates Q and K itself from constant tables of the model's context, looked up by
+    position_ids, and reads one packed QKV projection; no rotary node is left. Step logits equal the
+    original's at batch 3 with left padding (the runtime runs a padded batch's first step row by row, the
+    first token alone) and with a sliding window (Mistral)."""
+    from kvcache.onnx.check import check_graph
+
+    extra = {"mistral": {"sliding_window": 4}}.get(arch, {})
+    export_model(random_model(arch, num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, max_positions=96,
+                              **extra), tmp_path)
+    fused = inject_file(tmp_path, tmp_path / "fused.onnx", fused=True)
+    assert _ops(fused)["RotaryEmbedding"] == 0
+    for node in _gqa_nodes(fused):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["do_rotary"] == 1 and list(node.input[1:3]) == ["", ""]
+        assert node.input[9] == names.POSITION_IDS
+    meta = {p.key: p.value for p in onnx.load(str(fused), load_external_data=False).metadata_props}
+    assert meta[names.META_ROTARY_POSITIONS] == "96"
+    report = check_graph(tmp_path / "model.onnx", fused, batch=3, prefill=6, steps=5)
+    assert report.ok, report.format()
+
+
+def test_padded_first_step_needs_the_split(tmp_path) -> None:
+    """What the runtime's split is for: fed whole, a left-padded first step of a graph whose attention op
+    rotates Q and K is rotated from row 0's first position in every row, so the padded row's cached keys
+    differ from the plain injection's; split (DecoderSession), they are the same."""
+    from kvcache.onnx.session import DecoderSession
+
+    export_model(random_model("llama", num_layers=1, hidden=64, num_heads=4, num_kv_heads=2), tmp_path)
+    fused = DecoderSession(inject_file(tmp_path, tmp_path / "fused.onnx", fused=True))
+    plain = DecoderSession(inject_file(tmp_path, tmp_path / "plain.onnx"))
+    assert fused.signature.rotary_positions == 2048 and plain.signature.rotary_positions is None
+    ids = torch.tensor([[5, 9, 3, 7], [0, 0, 8, 6]])
+    mask = (ids != 0).long()
+    pos = torch.tensor([[0, 1, 2, 3], [1, 1, 0, 1]])
+    empty = torch.zeros(2, 2, 0, 16)
+    want = plain.run(ids, mask, pos, [(empty, empty)]).presents[0][0]
+    got = fused.run(ids, mask, pos, [(empty, empty)]).presents[0][0]
+    real = mask.bool()
+    torch.testing.assert_close(got[:, :, 2:][real[:, None, 2:].expand(-1, 2, -1)],
+                               want[:, :, 2:][real[:, None, 2:].expand(-1, 2, -1)], rtol=1e-5, atol=1e-5)
+    whole = fused.session.run([names.present_key(0)], {
+        names.INPUT_IDS: ids.numpy(), names.ATTENTION_MASK: mask.numpy(), names.POSITION_IDS: pos.numpy(),
+        names.past_key(0): empty.numpy(), names.past_value(0): empty.numpy()})[0]
+    assert not np.allclose(whole[1, :, 2:], want[1, :, 2:].numpy(), atol=1e-3)
+
+
+def test_generation_past_the_rotary_tables_is_refused(llama) -> None:
+    gen = OnnxGenerator(llama[2])
+    limit = gen.decoder.signature.rotary_positions
+    assert limit == llama[0].config.max_position_embeddings
+    with pytest.raises(KVCacheError, match=rf"below {limit} only.*--max-new-tokens to \d+.*without --fused"), \
+            pytest.warns(UserWarning, match="exceeds the model's context"):
+        gen.generate("ab", max_new_tokens=limit)

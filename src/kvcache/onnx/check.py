@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from transformers import AutoConfig
 
 from kvcache import validate
@@ -21,7 +22,7 @@ from kvcache.cache import model_cache_shape
 from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 from kvcache.onnx.provenance import check_config_matches, verify_source
-from kvcache.onnx.session import GraphSignature, resolve_graph
+from kvcache.onnx.session import DecoderSession, GraphSignature, resolve_graph
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,14 @@ def check_graph(
     orig_path = _original_path(original)
     tested_path, tested_dir = resolve_graph(tested)
     verify_source(tested_path, orig_path)
-    ref_sess, sess = _session(orig_path), _session(tested_path)
+    ref_sess = _session(orig_path)
     ref_inputs = {i.name for i in ref_sess.get_inputs()}
     if any(names.is_cache_input(n) for n in ref_inputs):
         raise KVCacheError(f"{orig_path} already takes a KV cache; pass the original no-cache graph first")
-    sig = GraphSignature.from_session(sess, source=str(tested_path))
+    # the runtime's session: it runs a step the graph's ops cannot take whole the way they can (a fused
+    # graph's first step of a left-padded batch, row by row)
+    decoder = DecoderSession(tested_path)
+    sess, sig = decoder.session, decoder.signature
     total = prefill + steps
     rng = np.random.default_rng(seed)
 
@@ -169,42 +173,36 @@ def check_graph(
     cache_dtype = np.float16 if sig.dtype.itemsize == 2 else np.float32
     heads, dim = _expected_geometry(tested_dir, sig)
     slot_layout = _slot_layout(tested_dir) if sig.has_slot_masks else None
-    past: list[np.ndarray] | None = None
+    past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     seen = np.zeros(batch, np.int64)
     bounds = [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]
     for step, (start, end) in enumerate(bounds):
         cur_mask = mask[:, start:end]
-        feeds: dict[str, np.ndarray] = {
-            names.INPUT_IDS: ids[:, start:end],
-            names.ATTENTION_MASK: mask[:, :end],
-        }
+        positions = None
         if sig.has_position_ids and slot_positions:
-            feeds[names.POSITION_IDS] = np.broadcast_to(np.arange(start, end), cur_mask.shape).copy()
+            positions = np.broadcast_to(np.arange(start, end), cur_mask.shape).copy()
         elif sig.has_position_ids:
-            feeds[names.POSITION_IDS] = _positions(cur_mask, seen)
+            positions = _positions(cur_mask, seen)
         seen = seen + cur_mask.sum(axis=1)
+        slot_masks = None
         if slot_layout is not None:
-            feeds.update(_slot_masks(mask, start, end, *slot_layout))
-        for i in range(sig.num_layers):
-            for j, name in enumerate((names.past_key(i), names.past_value(i))):
-                if past is None:
-                    if heads is None or dim is None:
-                        raise KVCacheError(f"{tested_path} declares neither the KV head count nor the head "
-                                           "size of its cache inputs; cannot build the empty first past")
-                    feeds[name] = np.zeros((batch, heads, 0, dim), cache_dtype)
-                else:
-                    feeds[name] = past[2 * i + j]
-        out_names = [names.LOGITS] + [n for i in range(sig.num_layers)
-                                      for n in (names.present_key(i), names.present_value(i))]
+            slot_masks = [torch.from_numpy(m) for m in _slot_masks(mask, start, end, *slot_layout).values()]
+        if past is None:
+            if heads is None or dim is None:
+                raise KVCacheError(f"{tested_path} declares neither the KV head count nor the head size of "
+                                   "its cache inputs; cannot build the empty first past")
+            empty = torch.from_numpy(np.zeros((batch, heads, 0, dim), cache_dtype))
+            past = [(empty, empty)] * sig.num_layers
         try:
-            logits, *presents = sess.run(out_names, feeds)
-        except Exception as exc:  # ORT's own exception types
-            if type(exc).__name__ != "InvalidArgument":
-                raise
-            raise KVCacheError(f"ONNX Runtime rejected step {step} of {tested_path} ({str(exc)[:300]}); "
-                               "the graph and the config.json beside it may not belong together") from exc
+            out = decoder.run(torch.from_numpy(ids[:, start:end].copy()),
+                              torch.from_numpy(mask[:, :end].copy()),
+                              None if positions is None else torch.from_numpy(positions), past, slot_masks)
+        except KVCacheError as exc:
+            raise KVCacheError(f"step {step} of {tested_path}: {exc}") from exc
+        logits = out.logits.numpy()
+        presents = [t.numpy() for pair in out.presents for t in pair]
         problem = _shape_problem(presents, batch, end, heads, dim)
-        past = presents
+        past = out.presents
         real = cur_mask.astype(bool)
         got, want = logits[real].astype(np.float64), reference[:, start:end][real].astype(np.float64)
         if got.shape != want.shape:

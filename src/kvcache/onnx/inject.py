@@ -32,6 +32,7 @@ from kvcache.onnx.fold_shapes import fold_shapes
 from kvcache.onnx.fuse_norms import fuse_norms
 from kvcache.onnx.graph import Graph, probe_shapes
 from kvcache.onnx.outputs import atomic_write, check_inject_destination, copy_atomic
+from kvcache.onnx.pack_projections import pack_projections
 from kvcache.onnx.patterns import (
     AttentionSite,
     find_mask_edits,
@@ -46,6 +47,7 @@ from kvcache.onnx.rewrite_mask import MaskBuilder, add_mask_before_softmax, appl
 from kvcache.onnx.rewrite_positions import rewrite_positions
 from kvcache.onnx.rewrite_sizes import split_mask_sizes
 from kvcache.onnx.rewrite_stats import add_attention_logits, add_attention_stats
+from kvcache.resources import context_length
 
 #: files copied beside an injected graph written to another directory
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -123,6 +125,8 @@ class KVCacheInjector:
         self.attention_stats = attention_stats
         self.policies = policies
         self.fused = fused
+        #: rows of the rotary tables of a fused graph whose attention op rotates Q and K (set by apply)
+        self.rotary_positions: int | None = None
 
     # ----- validation ---------------------------------------------------------------------------------
     def _validate(self, model: onnx.ModelProto) -> None:
@@ -207,6 +211,7 @@ class KVCacheInjector:
             names the architecture, the layer and what was missing.
         """
         self._validate(model)
+        self.rotary_positions = None
         g = Graph(model)
         if g.opset < 13:
             raise KVCacheError(f"opset {g.opset} is too old for injection; export with opset 14 or newer")
@@ -232,7 +237,11 @@ class KVCacheInjector:
                 probe, probe2 = probe_shapes(model, batch, seq), probe_shapes(model, batch, seq2)
             geometry = [(self.num_heads, kv, dim)
                         for kv, dim in zip(self.kv_heads, self.head_dims, strict=True)]
-            fuse_attention(g, sites, geometry, windows, probe, probe2, batch, seq, seq2, self.arch)
+            if fuse_attention(g, sites, geometry, windows, probe, probe2, batch, seq, seq2, self.arch,
+                              positions=context_length(self.config)):
+                self.rotary_positions = context_length(self.config)
+            g.prune()  # the replaced attention's nodes go: the projections' only use is the op now
+            pack_projections(g)
             g.prune()
             g.sort()
             fuse_norms(model)
@@ -288,6 +297,8 @@ class KVCacheInjector:
             names.META_POSITIONS: self.positions,
             names.META_FUSED: "1" if self.fused else "0",
         }
+        if self.rotary_positions is not None:
+            meta[names.META_ROTARY_POSITIONS] = str(self.rotary_positions)
         kept = [p for p in model.metadata_props if p.key not in meta]
         del model.metadata_props[:]
         model.metadata_props.extend(kept)

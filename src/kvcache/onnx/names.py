@@ -86,6 +86,9 @@ META_POLICIES = META_PREFIX + "policies"
 #: "1" when every attention layer is ONNX Runtime's fused ``GroupQueryAttention`` (``--fused``): past and
 #: present may then share one preallocated buffer (:mod:`kvcache.onnx.rewrite_fused`)
 META_FUSED = META_PREFIX + "fused"
+#: positions the rotary tables of a fused graph's attention op cover (the model's context length), when the
+#: op rotates Q and K itself: the graph refuses ``position_ids`` at or beyond it
+META_ROTARY_POSITIONS = META_PREFIX + "rotary_positions"
 #: ONNX Runtime's domain of contrib operators (the fused graph's attention, rotary embedding and norm)
 CONTRIB_DOMAIN = "com.microsoft"
 #: file name and sha256 of the no-cache graph an injected graph was made from (checked before it runs)

@@ -38,7 +38,7 @@ from kvcache.errors import KVCacheError
 from kvcache.onnx import names
 from kvcache.onnx.graph import Graph, TensorInfo
 from kvcache.onnx.patterns import AttentionSite, kv_source, score_path
-from kvcache.onnx.rewrite_rotary import RotaryTables, match_rotary
+from kvcache.onnx.rewrite_rotary import Rotary, RotaryTables, match_rotary
 from kvcache.onnx.score_terms import is_floor_clamp, is_padding_mask, is_zeros
 
 #: element types the op's CPU and CUDA kernels take
@@ -52,7 +52,7 @@ _PASSIVE_SCORE_OPS = frozenset({"Cast", "Reshape", "Identity"})
 class FusedInputs:
     """The per-graph inputs every fused layer shares, built once from ``attention_mask`` and ``input_ids``."""
 
-    def __init__(self, g: Graph) -> None:
+    def __init__(self, g: Graph, positions: int | None) -> None:
         self.g = g
         # tensors some graph output depends on (folded shape arithmetic leaves dead readers behind until the
         # final prune; they must not count as uses of a tensor)
@@ -72,7 +72,7 @@ class FusedInputs:
         self.bias_shape = g.add("Concat", [self.batch, g.const([1], np.int64), seq, self.total], axis=0,
                                 hint="bias_shape")
         self._bias: dict[int, str] = {}
-        self.rotary = RotaryTables(g)
+        self.rotary = RotaryTables(g, positions)
 
     def bias(self, elem_type: int) -> str:
         """``[B, 1, S, T]`` additive padding mask of ``elem_type`` (built on first use per dtype)."""
@@ -89,11 +89,14 @@ class FusedInputs:
 
 def fuse_attention(g: Graph, sites: list[AttentionSite], geometry: list[tuple[int, int, int]],
                    windows: list[int | None], probe: dict[str, TensorInfo], probe2: dict[str, TensorInfo],
-                   batch: int, seq: int, seq2: int, arch: str) -> None:
+                   batch: int, seq: int, seq2: int, arch: str, positions: int | None = None) -> bool:
     """Replace every site's attention by a ``GroupQueryAttention`` node with past/present (see module doc).
 
     ``geometry`` is ``(num_heads, num_kv_heads, head_dim)`` per layer; ``windows`` the sliding window per
-    layer (``None``: full causal attention).
+    layer (``None``: full causal attention); ``positions`` the model's context length, the rows of the
+    rotary tables when the op rotates Q and K itself (``None``: the rotation stays in nodes).
+
+    Returns whether some layer's op rotates Q and K itself (its tables end at ``positions``).
 
     Raises
     ------
@@ -102,7 +105,7 @@ def fuse_attention(g: Graph, sites: list[AttentionSite], geometry: list[tuple[in
     """
     if not any(o.domain == names.CONTRIB_DOMAIN for o in g.model.opset_import):
         g.model.opset_import.add(domain=names.CONTRIB_DOMAIN, version=1)
-    shared = FusedInputs(g)
+    shared = FusedInputs(g, positions)
     for site in sites:
         heads, kv_heads, head_dim = geometry[site.layer]
         try:
@@ -111,6 +114,7 @@ def fuse_attention(g: Graph, sites: list[AttentionSite], geometry: list[tuple[in
         except _NotFusable as exc:
             raise KVCacheError(f"{arch}: layer {site.layer}: cannot fuse the attention ({exc}); inject "
                                "without --fused") from None
+    return shared.rotary.cached
 
 
 class _NotFusable(Exception):
@@ -138,9 +142,21 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
                           f"{info.shape if info else None})")
     if site.fused and any(o and g.consumers.get(o) for o in site.av.output[1:]):
         raise _NotFusable("another output of the Attention node is used")
-    q3 = _rotated_flat(g, shared, query, q_layout, heads, head_dim, probe)
-    k3 = _rotated_flat(g, shared, site.key, site.key_layout, kv_heads, head_dim, probe)
     v3 = _flatten_heads(g, site.value, site.value_layout, probe)
+    rotary = (_rotary(g, shared, query, q_layout, head_dim, probe),
+              _rotary(g, shared, site.key, site.key_layout, head_dim, probe))
+    caches = None
+    if rotary[0] is not None and rotary[1] is not None and \
+            (rotary[0].cos, rotary[0].sin) == (rotary[1].cos, rotary[1].sin):
+        caches = shared.rotary.caches(rotary[0], head_dim, _FLOAT_TYPES[elem_type])
+    if caches is not None:  # the op rotates Q and K itself, looking the tables up by position_ids
+        q3 = _flatten_heads(g, rotary[0].x, "bhtd", probe)
+        k3 = _flatten_heads(g, rotary[1].x, "bhtd", probe)
+        rotation = [caches[0], caches[1], names.POSITION_IDS]
+    else:
+        q3 = _rotated_flat(g, shared, query, q_layout, heads, head_dim, probe, rotary[0])
+        k3 = _rotated_flat(g, shared, site.key, site.key_layout, kv_heads, head_dim, probe, rotary[1])
+        rotation = ["", "", ""]
     past_k, past_v = names.past_key(site.layer), names.past_value(site.layer)
     present_k, present_v = names.present_key(site.layer), names.present_value(site.layer)
     for name in (past_k, past_v):
@@ -156,10 +172,12 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
         attrs["local_window_size"] = int(window)
     if softcap:
         attrs["softcap"] = float(softcap)
+    if caches is not None:
+        attrs["do_rotary"] = 1
     out3 = g.fresh("gqa_out")
     node = onnx.helper.make_node(
         "GroupQueryAttention",
-        [q3, k3, v3, past_k, past_v, shared.seqlens_k, shared.total_length, "", "", "",
+        [q3, k3, v3, past_k, past_v, shared.seqlens_k, shared.total_length, *rotation,
          shared.bias(elem_type)],
         [out3, present_k, present_v], name=g.fresh("GroupQueryAttention_node"), domain=names.CONTRIB_DOMAIN,
         **attrs)
@@ -179,14 +197,22 @@ def _fuse_site(g: Graph, site: AttentionSite, shared: FusedInputs, heads: int, k
                 g.replace_input(consumer, k, out)
 
 
+def _rotary(g: Graph, shared: FusedInputs, tensor: str, layout: str, head_dim: int,
+            probe: dict[str, TensorInfo]) -> Rotary | None:
+    """The ``rotate_half`` rotary embedding producing a query/key tensor, when it has one whose tables the
+    fused ops can take (:mod:`~kvcache.onnx.rewrite_rotary`)."""
+    if layout != "bhtd":
+        return None
+    rotary = match_rotary(g, tensor, probe, head_dim)
+    return rotary if rotary is not None and shared.rotary.usable(rotary, head_dim) else None
+
+
 def _rotated_flat(g: Graph, shared: FusedInputs, tensor: str, layout: str, heads: int, head_dim: int,
-                  probe: dict[str, TensorInfo]) -> str:
-    """``[B, S, heads * D]`` of a query/key tensor; its rotary embedding, when it has a ``rotate_half`` one,
-    becomes one ``RotaryEmbedding`` node on the un-rotated tensor (:mod:`~kvcache.onnx.rewrite_rotary`)."""
-    if layout == "bhtd":
-        rotary = match_rotary(g, tensor, probe, head_dim)
-        if rotary is not None and shared.rotary.usable(rotary, head_dim):
-            return shared.rotary.apply(rotary, _flatten_heads(g, rotary.x, "bhtd", probe), heads, head_dim)
+                  probe: dict[str, TensorInfo], rotary: Rotary | None) -> str:
+    """``[B, S, heads * D]`` of a query/key tensor; its ``rotary`` embedding (:func:`_rotary`), if any,
+    becomes one ``RotaryEmbedding`` node on the un-rotated tensor."""
+    if rotary is not None:
+        return shared.rotary.apply(rotary, _flatten_heads(g, rotary.x, "bhtd", probe), heads, head_dim)
     return _flatten_heads(g, tensor, layout, probe)
 
 

@@ -14,6 +14,12 @@ flattened to ``B * S`` rows, with the index ``b * S + s``: whatever the model co
 A match requires the ``rotate_half`` structure above and tables whose two halves are equal (checked by
 evaluating the table sub-graph, which reads only ``position_ids`` and constants, on two rows of positions).
 Anything else (interleaved rotation as in GPT-J, partial rotation as in GPT-NeoX) stays as exported.
+
+When the tables are a function of the position alone (evaluated for every position of the model's context
+in one row, they give the same rows as for short probes anywhere in it: no scaling reads the sequence
+length), :meth:`RotaryTables.caches` turns them into constant ``[context, D/2]`` tables, and the rotation
+moves into the attention op itself (``GroupQueryAttention``'s ``do_rotary``, looked up by ``position_ids``):
+no rotary node and no table computation is left in the step.
 """
 
 from __future__ import annotations
@@ -123,20 +129,71 @@ def tables_have_equal_halves(g: Graph, cos: str, sin: str, head_dim: int) -> boo
     return True
 
 
-class RotaryTables:
-    """The ``[B * S, D/2]`` tables and the ``[B, S]`` row index shared by every fused rotary node."""
+def position_tables(g: Graph, cos: str, sin: str, head_dim: int,
+                    positions: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``[positions, D/2]`` cosine and sine tables of the ``cos``/``sin`` sub-graph when it computes a
+    function of the position alone, else ``None``.
 
-    def __init__(self, g: Graph) -> None:
+    The sub-graph is evaluated once for positions ``0 .. positions - 1`` in one row, then for short rows at
+    the start, the middle and the end of that range (two rows in one batch): every probe must find the
+    rows of the long evaluation, so a table that depends on the batch, the sequence length or a graph input
+    other than ``position_ids`` is never taken for a constant.
+    """
+    full = evaluate_upstream(g, [cos, sin], {names.POSITION_IDS: np.arange(positions, dtype=np.int64)[None]})
+    if full is None or any(np.asarray(t).shape != (1, positions, head_dim) for t in full.values()):
+        return None
+    starts = np.array([[0], [positions // 2], [max(0, positions - 5)]], dtype=np.int64)
+    probes = np.minimum(starts + np.arange(5, dtype=np.int64), positions - 1)
+    for pair in (probes[:2], probes[1:]):
+        short = evaluate_upstream(g, [cos, sin], {names.POSITION_IDS: pair})
+        if short is None:
+            return None
+        for name, table in short.items():
+            if not np.allclose(np.asarray(table), np.asarray(full[name])[0][pair], rtol=1e-5, atol=1e-6):
+                return None
+    half = head_dim // 2
+    return np.asarray(full[cos])[0, :, :half], np.asarray(full[sin])[0, :, :half]
+
+
+class RotaryTables:
+    """The tables shared by every fused rotary: ``[B * S, D/2]`` tables and the ``[B, S]`` row index of the
+    ``RotaryEmbedding`` nodes, or constant ``[positions, D/2]`` tables for the attention op's own rotation.
+
+    ``positions``: the model's context length (rows of the constant tables); ``None`` keeps the rotation in
+    ``RotaryEmbedding`` nodes.
+    """
+
+    def __init__(self, g: Graph, positions: int | None = None) -> None:
         self.g = g
+        self.positions = positions
         self._tables: dict[tuple[str, int], str] = {}
         self._index: str | None = None
         self._checked: dict[tuple[str, str, int], bool] = {}
+        self._caches: dict[tuple[str, str, int, int], tuple[str, str] | None] = {}
 
     def usable(self, rotary: Rotary, head_dim: int) -> bool:
         key = (rotary.cos, rotary.sin, head_dim)
         if key not in self._checked:
             self._checked[key] = tables_have_equal_halves(self.g, rotary.cos, rotary.sin, head_dim)
         return self._checked[key]
+
+    def caches(self, rotary: Rotary, head_dim: int, dtype: type) -> tuple[str, str] | None:
+        """Constant ``[positions, D/2]`` cosine and sine tables (:func:`position_tables`) in ``dtype`` for the
+        attention op's ``cos_cache``/``sin_cache``, or ``None`` when the rotation must stay in nodes."""
+        if self.positions is None or head_dim % 16 or not self.usable(rotary, head_dim):
+            return None  # ONNX Runtime's op rotates heads of a multiple of 16 only
+        key = (rotary.cos, rotary.sin, head_dim, np.dtype(dtype).num)
+        if key not in self._caches:
+            tables = position_tables(self.g, rotary.cos, rotary.sin, head_dim, self.positions)
+            self._caches[key] = None if tables is None else (
+                self.g.const(tables[0].astype(dtype), hint="cos_cache"),
+                self.g.const(tables[1].astype(dtype), hint="sin_cache"))
+        return self._caches[key]
+
+    @property
+    def cached(self) -> bool:
+        """Whether :meth:`caches` made constant tables (some attention op rotates Q and K itself)."""
+        return any(c is not None for c in self._caches.values())
 
     def table(self, tensor: str, head_dim: int) -> str:
         key = (tensor, head_dim)

@@ -94,6 +94,9 @@ class GraphSignature:
     fused:
         Every attention layer is ONNX Runtime's ``GroupQueryAttention`` (injected with ``--fused``): past
         and present may be one preallocated buffer (:meth:`DecoderSession.run_in_place`).
+    rotary_positions:
+        Positions the rotary tables of a fused graph's attention op cover (the model's context), when the
+        op rotates Q and K itself; ``None`` otherwise.
     """
 
     num_layers: int
@@ -105,6 +108,7 @@ class GraphSignature:
     has_attn_scores: bool
     has_slot_masks: bool = False
     fused: bool = False
+    rotary_positions: int | None = None
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, source: str = "graph") -> GraphSignature:
@@ -163,6 +167,7 @@ class GraphSignature:
             has_attn_scores=has_scores,
             has_slot_masks=has_slots,
             fused=meta.get(names.META_FUSED) == "1",
+            rotary_positions=_meta_int(meta, names.META_ROTARY_POSITIONS),
         )
 
 
@@ -296,13 +301,20 @@ class DecoderSession:
         sig = self.signature
         if len(past) != sig.num_layers:
             raise KVCacheError(f"the graph has {sig.num_layers} layers but {len(past)} past pairs were given")
-        if _rows_apart(sig, input_ids, past[0][0].shape[2]):
+        split = _split(sig, input_ids, attention_mask, position_ids, past[0][0].shape[2])
+        if split == "rows":
             rows = [self.run(input_ids[b : b + 1], attention_mask[b : b + 1],
                              None if position_ids is None else position_ids[b : b + 1],
                              [(k[b : b + 1], v[b : b + 1]) for k, v in past]) for b in range(len(input_ids))]
             presents = [(torch.cat([r.presents[i][0] for r in rows]),
                          torch.cat([r.presents[i][1] for r in rows])) for i in range(len(past))]
             return StepOutput(logits=torch.cat([r.logits for r in rows]), presents=presents, attn_scores=None)
+        if split == "head":
+            assert position_ids is not None  # _split asks for a head step only on positions it read
+            head = self.run(input_ids[:, :1], attention_mask[:, :1], position_ids[:, :1], past)
+            rest = self.run(input_ids[:, 1:], attention_mask, position_ids[:, 1:], head.presents)
+            return StepOutput(logits=torch.cat([head.logits, rest.logits], dim=1), presents=rest.presents,
+                              attn_scores=None)
         feeds = {names.INPUT_IDS: self._packed(names.INPUT_IDS, input_ids),
                  names.ATTENTION_MASK: self._packed(names.ATTENTION_MASK, attention_mask)}
         if sig.has_position_ids:
@@ -369,11 +381,20 @@ class DecoderSession:
         if len(buffers) != sig.num_layers:
             raise KVCacheError(f"the graph has {sig.num_layers} layers but {len(buffers)} buffer pairs were "
                                "given")
-        if _rows_apart(sig, input_ids, attention_mask.shape[1] - input_ids.shape[1]):
+        past = attention_mask.shape[1] - input_ids.shape[1]
+        split = _split(sig, input_ids, attention_mask, position_ids, past)
+        if split == "rows":
             return torch.cat([self.run_in_place(input_ids[b : b + 1], attention_mask[b : b + 1],
                                                 None if position_ids is None else position_ids[b : b + 1],
                                                 [(k[b : b + 1], v[b : b + 1]) for k, v in buffers])
                               for b in range(len(input_ids))])
+        if split == "head":
+            assert position_ids is not None
+            seq = input_ids.shape[1]
+            head = self.run_in_place(input_ids[:, :1], attention_mask[:, : 1 - seq], position_ids[:, :1],
+                                     buffers)
+            rest = self.run_in_place(input_ids[:, 1:], attention_mask, position_ids[:, 1:], buffers)
+            return torch.cat([head, rest], dim=1)
         binding = self._binding
         if binding is None:
             binding = self._binding = self.session.io_binding()
@@ -419,11 +440,30 @@ class DecoderSession:
 
 
 
-def _rows_apart(sig: GraphSignature, input_ids: torch.Tensor, past: int) -> bool:
-    """A step the fused attention op cannot take for a whole batch: several tokens per row on top of a past
-    (ONNX Runtime: "batch_size must be 1 when sequence_length > 1 and past context is given"). Each row then
-    runs alone, on its own rows of the buffers; the work is the same, split in ``B`` runs."""
-    return sig.fused and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and past > 0
+def _split(sig: GraphSignature, input_ids: torch.Tensor, attention_mask: torch.Tensor | np.ndarray,
+           position_ids: torch.Tensor | None, past: int) -> str | None:
+    """How a step of a fused graph runs when the attention op cannot take it whole, else ``None``.
+
+    * ``"rows"``: each row alone, on its own rows of the buffers (the work is the same, in ``B`` runs), for
+      several tokens per row on top of a past (ONNX Runtime: "batch_size must be 1 when sequence_length > 1
+      and past context is given"), and for a first step whose rows' positions differ (below);
+    * ``"head"``: the first token alone, then the rest on top of it. An op that rotates Q and K itself
+      rotates the tokens of a step on an empty cache at ``position_ids[0, 0] + s``, reading no other
+      position; that is right for a row whose real tokens are numbered on from its first, wrong for a
+      left-padded one (its padding holds position 1). With a past, the op reads every position.
+    """
+    if not sig.fused:
+        return None
+    batch, seq = input_ids.shape
+    if batch > 1 and seq > 1 and past > 0:
+        return "rows"
+    if past > 0 or sig.rotary_positions is None or position_ids is None:
+        return None
+    pos = position_ids.numpy()
+    real = np.asarray(attention_mask)[:, -seq:] != 0
+    if np.all((pos == pos[0, 0] + np.arange(seq)) | ~real):
+        return None
+    return "rows" if batch > 1 else "head"
 
 
 def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
