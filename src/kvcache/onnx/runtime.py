@@ -309,9 +309,9 @@ class OnnxGenerator:
             fix = (f"lower --max-new-tokens to {limit - prompt_len}" if prompt_len < limit
                    else "shorten the prompt")
             raise KVCacheError(
-                f"this graph's attention op rotates positions below {limit} only (its rotary tables cover the "
-                f"model's context), but {prompt_len} prompt + {max_new_tokens} new tokens go past it; {fix}, "
-                "or inject without --fused")
+                f"this graph's attention op rotates positions below {limit} only (its rotary tables cover "
+                f"the model's context), but {prompt_len} prompt + {max_new_tokens} new tokens go past it; "
+                f"{fix}, or inject without --fused")
         cache = KVCache.from_spec(self.spec, self.config, batch_size=batch,
                                   max_cache_len=prompt_len + max_new_tokens, device="cpu",
                                   dtype=self.decoder.signature.dtype)
