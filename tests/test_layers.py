@@ -34,6 +34,8 @@ def test_dynamic_equals_concatenation(chunks: list[int], min_growth: int) -> Non
         out_k, out_v = layer.update(k, v)
         assert torch.equal(out_k, torch.cat(ref_k, 2))
         assert torch.equal(out_v, torch.cat(ref_v, 2))
+        # the byte count follows every growth (it is remembered per buffer, not recomputed per call)
+        assert layer.nbytes() == B * H * layer.capacity * (2 * D * 4 + 4)
     total = sum(chunks)
     assert layer.seen == layer.physical_length == total
     assert layer.capacity >= total
@@ -190,3 +192,20 @@ def test_dynamic_adopt_equals_update_without_copying():
     assert torch.equal(ref.positions, ours.positions)
     with pytest.raises(KVCacheError, match="held slots"):
         ours.adopt(torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4))
+
+
+def test_replaced_buffers_are_freed_and_counted_no_more() -> None:
+    """The remembered byte count holds no buffer alive: after a growth or a reset the old one is freed."""
+    import gc
+    import weakref
+
+    layer = DynamicLayer(min_growth=4)
+    layer.update(*kv(4))
+    old = weakref.ref(layer._keys)  # the whole buffer (keys_values() returns a view of it)
+    small = layer.nbytes()
+    layer.update(*kv(64))
+    gc.collect()
+    assert old() is None  # freed before the count is asked again
+    assert layer.nbytes() > small
+    layer.reset()
+    assert layer.nbytes() == 0

@@ -156,6 +156,7 @@ def decode(
         advance()
 
         alive = rows.alive(device)
+        all_alive = bool(alive.all())
         steps = 0
         while steps + 1 < max_new_tokens and rows.running():
             free = cache.free_slots()
@@ -163,7 +164,7 @@ def decode(
                 rows.finish_all("capacity")
                 break
             # Finished rows keep feeding the pad token so the batch stays rectangular.
-            step_input = torch.where(alive, next_tokens, pad_id)[:, None]
+            step_input = (next_tokens if all_alive else torch.where(alive, next_tokens, pad_id))[:, None]
             try:
                 logits = forward(step_input, step_valid)
             except CacheCapacityError:
@@ -177,6 +178,7 @@ def decode(
             done = rows.record(next_tokens.tolist())
             if done:
                 alive[done] = False
+                all_alive = False
             advance()
         rows.finish_all("length")
         end = time.perf_counter()

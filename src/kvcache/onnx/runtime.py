@@ -104,8 +104,9 @@ class OnnxGenerator:
         self._empties: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._masks = MaskTracker()  # the decode loop's attention mask on a fused graph, kept across steps
         # the decode loop's single-token logits on a fused graph: one buffer per batch size, bound once and
-        # reused (the loop samples from them before the next forward)
-        self._logits: dict[int, torch.Tensor] = {}
+        # reused (the loop samples from them before the next forward): per batch size, (B, 1, V) and a (B, V)
+        # view of it
+        self._logits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def tokenizer(self) -> Any:
@@ -241,13 +242,16 @@ class OnnxGenerator:
         batch, seq = input_ids.shape
         held = cache.stores[0].physical_length
         mask = self._masks.mask(cache, held, valid, lambda: _past_mask(cache, batch))
-        out = None
         vocab = self.decoder.signature.vocab_size
-        if vocab is not None and seq == 1:  # decode steps: one small buffer, bound once
+        if vocab is not None and seq == 1:  # decode steps: one small buffer, bound once, and its (B, V) view
             out = self._logits.get(batch)
             if out is None:
-                out = self._logits[batch] = torch.empty((batch, 1, vocab), dtype=self.decoder.logits_dtype)
-        logits = self._write_in_place(cache, input_ids, mask, positions, valid, out)
+                buffer = torch.empty((batch, 1, vocab), dtype=self.decoder.logits_dtype)
+                out = self._logits[batch] = (buffer, buffer.view(batch, vocab))
+            self._write_in_place(cache, input_ids, mask, positions, valid, out[0])
+            self._masks.advance(held + 1)
+            return out[1]
+        logits = self._write_in_place(cache, input_ids, mask, positions, valid)
         self._masks.advance(held + seq)
         return logits[:, -1, :]
 

@@ -245,6 +245,7 @@ class DecoderSession:
         self._scratch: dict[str, np.ndarray] = {}
         self._binding: ort.IOBinding | None = None
         self._bound: dict[str, torch.Tensor] = {}  # cache input -> the buffer bound to it (kept alive)
+        self._feeds: dict[str, np.ndarray] = {}  # small input -> the buffer bound to it (run_in_place)
         self._bound_logits: torch.Tensor | None = None  # a caller's logits buffer bound now (kept alive)
         self._np_dtype = np.dtype(torch.empty(0, dtype=self.signature.dtype).numpy().dtype)
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == names.LOGITS)
@@ -350,6 +351,29 @@ class DecoderSession:
         attn_logits = outputs[first : first + n] if logits_of_attention else None
         return StepOutput(logits=outputs[0], presents=presents, attn_scores=scores, attn_logits=attn_logits)
 
+    def _feed(self, binding: ort.IOBinding, name: str, tensor: torch.Tensor) -> None:
+        """Copy a small int64 input into a buffer of its shape kept bound to ``name`` (bound anew only when
+        the shape changes: a decode loop's ``(B, 1)`` inputs are bound once)."""
+        held = self._feeds.get(name)
+        if held is None or held.shape != tuple(tensor.shape):
+            held = self._feeds[name] = np.empty(tuple(tensor.shape), np.int64)
+            binding.bind_input(name, "cpu", 0, np.int64, held.shape, held.ctypes.data)
+        np.copyto(held, _as_numpy(tensor))
+
+    def _bind_buffers(self, binding: ort.IOBinding, layer: int, key: torch.Tensor,
+                      value: torch.Tensor) -> None:
+        """Bind a layer's buffers as its past and present (the tensors are kept, so their memory stays)."""
+        sig = self.signature
+        for past, present, buf in ((names.past_key(layer), names.present_key(layer), key),
+                                   (names.past_value(layer), names.present_value(layer), value)):
+            if not buf.is_contiguous() or buf.dtype != sig.dtype or buf.device.type != "cpu":
+                raise KVCacheError(f"layer {layer}: in-place buffers must be contiguous {sig.dtype} CPU "
+                                   f"tensors, got {buf.dtype} on {buf.device}")
+            shape, ptr = tuple(buf.shape), buf.data_ptr()
+            binding.bind_input(past, "cpu", 0, self._np_dtype, shape, ptr)
+            binding.bind_output(present, "cpu", 0, self._np_dtype, shape, ptr)
+            self._bound[past] = buf
+
     def run_in_place(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | np.ndarray,
                      position_ids: torch.Tensor | None,
                      buffers: list[tuple[torch.Tensor, torch.Tensor]],
@@ -400,25 +424,17 @@ class DecoderSession:
             binding = self._binding = self.session.io_binding()
             # bound first, so it is the first output
             binding.bind_output(names.LOGITS, "cpu")
-        feeds = [(names.INPUT_IDS, input_ids), (names.ATTENTION_MASK, attention_mask)]
+        binding.bind_cpu_input(names.ATTENTION_MASK, attention_mask if isinstance(attention_mask, np.ndarray)
+                               else _as_numpy(attention_mask))
+        self._feed(binding, names.INPUT_IDS, input_ids)
         if sig.has_position_ids:
             if position_ids is None:
                 raise KVCacheError("this graph takes position_ids; pass them")
-            feeds.append((names.POSITION_IDS, position_ids))
-        for name, tensor in feeds:  # small: ORT copies them
-            binding.bind_cpu_input(name, tensor if isinstance(tensor, np.ndarray) else _as_numpy(tensor))
+            self._feed(binding, names.POSITION_IDS, position_ids)
+        bound = self._bound
         for i, (k, v) in enumerate(buffers):
-            for past, present, buf in ((names.past_key(i), names.present_key(i), k),
-                                       (names.past_value(i), names.present_value(i), v)):
-                if self._bound.get(past) is buf:
-                    continue  # the tensor bound last step: held here, so its memory cannot have moved
-                if not buf.is_contiguous() or buf.dtype != sig.dtype or buf.device.type != "cpu":
-                    raise KVCacheError(f"layer {i}: in-place buffers must be contiguous {sig.dtype} CPU "
-                                       f"tensors, got {buf.dtype} on {buf.device}")
-                shape, ptr = tuple(buf.shape), buf.data_ptr()
-                binding.bind_input(past, "cpu", 0, self._np_dtype, shape, ptr)
-                binding.bind_output(present, "cpu", 0, self._np_dtype, shape, ptr)
-                self._bound[past] = buf
+            if bound.get(names.past_key(i)) is not k or bound.get(names.past_value(i)) is not v:
+                self._bind_buffers(binding, i, k, v)
         logits = logits_out
         if logits is None and sig.vocab_size is not None:  # written by ORT straight into a tensor of ours
             logits = torch.empty((*input_ids.shape, sig.vocab_size), dtype=self.logits_dtype)
