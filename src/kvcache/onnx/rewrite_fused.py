@@ -6,9 +6,11 @@ also concatenates the whole past to the new keys/values. ONNX Runtime's contrib 
 ``com.microsoft.GroupQueryAttention`` does all of that in one kernel, and when ``past_key`` and
 ``present_key`` are the same buffer it writes the new keys/values in place instead of copying the past.
 
-What the pass keeps from the exported graph: the projections and the rotary embedding (the op gets Q and K
-after RoPE, so every position encoding the position rewrite handles works unchanged); what it replaces: the
-Q·K^T MatMul through the probabilities·V MatMul (or the opset-23 ``Attention`` node). Per layer::
+What the pass keeps from the exported graph: the projections, and the rotary embedding unless the op can
+do it (then Q and K go in un-rotated with constant cos/sin tables and ``position_ids``, see
+:mod:`~kvcache.onnx.rewrite_rotary`; otherwise the op gets Q and K after RoPE, so every position encoding the
+position rewrite handles works unchanged); what it replaces: the Q·K^T MatMul through the probabilities·V
+MatMul (or the opset-23 ``Attention`` node). Per layer::
 
     query [B, S, H*D], key/value [B, S, H_kv*D]   (the site's tensors, transposed and flattened)
     past_key_values.{i}.key/value [B, H_kv, P, D] -> GroupQueryAttention -> present.{i}.key/value
