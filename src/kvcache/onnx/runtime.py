@@ -261,9 +261,7 @@ class OnnxGenerator:
         slotted = self.decoder.signature.has_slot_masks
 
         def run(input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            if self._in_place(cache):
-                for store in cache.stores:
-                    store.release()
+            if self._in_place(cache):  # plain dense stores: nothing to release after the step
                 return self._decode_in_place(cache, input_ids, positions, valid)
             batch = input_ids.shape[0]
             # a graph with slot masks reads only the current columns of the 2-D mask
