@@ -95,9 +95,12 @@ def raw_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.SessionOption
 
 
 def raw_fused_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.SessionOptions,
-                   capacity: int, head_dim_default: int = 0) -> Step:
+                   capacity: int, head_dim_default: int = 0, greedy: bool = False) -> Step:
     """A bare loop on the fused graph: past and present share one preallocated buffer per cache tensor,
-    bound once; each step binds input_ids, attention_mask and position_ids and runs (no kvcache layers)."""
+    bound once; each step binds input_ids, attention_mask and position_ids and runs (no kvcache layers).
+
+    ``greedy``: a bare greedy generation instead of a replay of ``ids``: each run's argmax is written into
+    ``ids`` as the next step's token (so ``ids[0, context:]`` ends up holding the generated tokens)."""
     sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
     binding.bind_output(names.LOGITS, "cpu")
@@ -121,7 +124,9 @@ def raw_fused_loop(graph: Path, ids: np.ndarray, context: int, opts: ort.Session
             binding.bind_cpu_input(names.POSITION_IDS, positions[:, lo:hi])
         binding.bind_output(names.LOGITS, "cpu")
         sess.run_with_iobinding(binding)
-        binding.get_outputs()[0].numpy()
+        logits = binding.get_outputs()[0].numpy()
+        if greedy and context <= hi < ids.shape[1]:  # the prompt's own tokens stay
+            ids[:, hi] = logits[:, -1].argmax(-1)
 
     for lo in range(0, context, 512):
         run(lo, min(lo + 512, context))

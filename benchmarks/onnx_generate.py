@@ -7,13 +7,14 @@ same prompt, in the same process, taking turns:
   attention and rotary ops, the cache written in place into kvcache's dynamic store), greedy;
 * ``genai``: onnxruntime-genai's own graph of the model (its model builder, offline) and its C++ loop,
   ``Generator.generate_next_token``, greedy;
-* ``bare``: the same fused graph in a bare ONNX Runtime loop (``onnx_decode.raw_fused_loop``: buffers bound
-  once, three inputs bound per step, no sampling, no kvcache code): what the host side costs.
+* ``bare``: the same fused graph in a bare greedy ONNX Runtime loop (``onnx_decode.raw_fused_loop``: buffers
+  bound once, three inputs bound per step, each run's argmax the next token, no kvcache code): the least any
+  generation loop does, so the gap to it is what kvcache's host side costs.
 
 The time per new token is the decode phase only (from the end of the prefill to the last token, divided by
-the forwards it ran), the median over ``--repeats`` runs. The table also says whether both produced the same
-tokens (up to the first end-of-sequence token: onnxruntime-genai is kept from choosing it, so that both run
-the same number of steps).
+the forwards it ran), the median over ``--repeats`` runs. The table also says whether all three produced the
+same tokens (up to the first end-of-sequence token: onnxruntime-genai is kept from choosing it, so that all
+run the same number of steps).
 
 Run: ``python benchmarks/onnx_generate.py --bundled`` (``--json PATH`` to save).
 """
@@ -44,17 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_decode import build_genai, raw_fused_loop  # noqa: E402
 
 
-def bare(graph: Path, ids: list[int], new_tokens: int, opts: ort.SessionOptions) -> float:
-    """Seconds per step of the bare loop on the fused graph, after a prefill of ``ids``."""
+def bare(graph: Path, ids: list[int], new_tokens: int, opts: ort.SessionOptions) -> tuple[float, list[int]]:
+    """Seconds per step of the bare greedy loop on the fused graph after a prefill of ``ids``, and its
+    tokens."""
     import numpy as np
 
-    tokens = np.asarray([ids + [5] * new_tokens], dtype=np.int64)
-    step = raw_fused_loop(graph, tokens, len(ids), opts, len(ids) + new_tokens + 1)
+    tokens = np.asarray([ids + [0] * new_tokens], dtype=np.int64)
+    step = raw_fused_loop(graph, tokens, len(ids), opts, len(ids) + new_tokens + 1, greedy=True)
     step(0)
     start = time.perf_counter()
-    for i in range(1, new_tokens):
+    for i in range(1, new_tokens - 1):
         step(i)
-    return (time.perf_counter() - start) / (new_tokens - 1)
+    seconds = (time.perf_counter() - start) / (new_tokens - 2)
+    return seconds, [int(t) for t in tokens[0, len(ids):]]
 
 
 def ours(gen: OnnxGenerator, text: str, new_tokens: int) -> tuple[float, list[int]]:
@@ -142,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
                         times[name].append(seconds)
                     tokens[name] = out
                 if r:
-                    times["bare"].append(bare(fused_dir / "model.onnx", ids, args.new_tokens, opts))
+                    seconds, tokens["bare"] = bare(fused_dir / "model.onnx", ids, args.new_tokens, opts)
+                    times["bare"].append(seconds)
             # onnxruntime-genai never picks the end-of-sequence token below min_length: compare up to it
             eos = tokenizer.eos_token_id
             cut = tokens["kvcache"].index(eos) if eos in tokens["kvcache"] else args.new_tokens
             row = {"context": len(ids), **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()},
-                   "same_tokens": tokens["kvcache"][:cut] == tokens["genai"][:cut], "compared_tokens": cut,
+                   "same_tokens": tokens["kvcache"][:cut] == tokens["genai"][:cut] == tokens["bare"][:cut],
+                   "compared_tokens": cut,
                    "samples_s": times}
             rows.append(row)
             print(f"prompt {len(ids)} tokens: kvcache {row['kvcache_ms']:.2f} ms/token, genai "
