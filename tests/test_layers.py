@@ -34,7 +34,7 @@ def test_dynamic_equals_concatenation(chunks: list[int], min_growth: int) -> Non
         out_k, out_v = layer.update(k, v)
         assert torch.equal(out_k, torch.cat(ref_k, 2))
         assert torch.equal(out_v, torch.cat(ref_v, 2))
-        # the byte count follows every growth (it is remembered per buffer, not recomputed per call)
+        # the byte count follows every growth
         assert layer.nbytes() == B * H * layer.capacity * (2 * D * 4 + 4)
     total = sum(chunks)
     assert layer.seen == layer.physical_length == total
@@ -195,7 +195,8 @@ def test_dynamic_adopt_equals_update_without_copying():
 
 
 def test_replaced_buffers_are_freed_and_counted_no_more() -> None:
-    """The remembered byte count holds no buffer alive: after a growth or a reset the old one is freed."""
+    """The store holds no replaced buffer alive: after a growth the old one is freed, and the byte count
+    follows the new one; after a reset it is 0."""
     import gc
     import weakref
 
@@ -205,7 +206,7 @@ def test_replaced_buffers_are_freed_and_counted_no_more() -> None:
     small = layer.nbytes()
     layer.update(*kv(64))
     gc.collect()
-    assert old() is None  # freed before the count is asked again
+    assert old() is None  # freed before the count is asked
     assert layer.nbytes() > small
     layer.reset()
     assert layer.nbytes() == 0

@@ -426,7 +426,7 @@ class KVCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of K/V memory all layers hold now (allocated, preallocated slack included)."""
-        return sum(store.memory().total for store in self.stores)
+        return self.memory().total
 
     def notes(self) -> list[str]:
         """The stores' remarks on how they run here (:meth:`CacheLayer.notes`), each once, in layer order."""

@@ -7,9 +7,6 @@ tensors).
 
 from __future__ import annotations
 
-import weakref
-
-import numpy as np
 import torch
 
 from kvcache.errors import CacheCapacityError, KVCacheError
@@ -73,9 +70,6 @@ class DynamicLayer(CacheLayer):
         self._keys: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self._values: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None  # (B, H_kv, capacity) logical index of each slot, -1: none
-        self._use = _Use()
-        # _pos and a numpy view of it, for commits on the host
-        self._pos_view: tuple[torch.Tensor | None, np.ndarray | None] = (None, None)
         self._length = 0  # filled slots (physical length)
 
     # ----- storage ------------------------------------------------------------------------------------
@@ -193,19 +187,11 @@ class DynamicLayer(CacheLayer):
     def commit_slots(self, count: int, valid: torch.Tensor | None = None) -> None:
         """Record ``count`` tokens written in place after the held ones (see :meth:`open_slots`); ``valid``
         as in :meth:`update`."""
-        pos, view = self._pos, self._pos_view
-        if count == 1 and valid is None and pos is not None and view[0] is pos \
-                and self._length < view[1].shape[2]:
-            # a decode step on the host: the numpy view kept of the positions, 5x cheaper than torch
-            view[1][:, :, self._length] = self.seen
-            self.seen += 1
-            self._length += 1
-            return
+        pos = self._pos
         if self._keys is None or pos is None or self._length + count > self._keys.shape[2]:
             raise KVCacheError(f"commit_slots({count}) without open_slots() room for them")
         if count == 1 and valid is None and pos.device.type == "cpu":
-            self._pos_view = (pos, pos.numpy())
-            self._pos_view[1][:, :, self._length] = self.seen
+            pos.numpy()[:, :, self._length] = self.seen  # a decode step on the host: numpy, 5x cheaper
         elif count == 1 and valid is None:
             pos[:, :, self._length].fill_(self.seen)
         else:
@@ -286,12 +272,11 @@ class DynamicLayer(CacheLayer):
         self.seen = length
 
     def memory(self) -> MemoryUse:
-        return self._use.of(self._keys, self._values, self._pos)
+        return _memory(self._keys, self._values, self._pos)
 
     def reset(self) -> None:
         # A growable store keeps nothing: the next prompt may have another batch size or length.
         self._keys = self._values = self._pos = None
-        self._pos_view = (None, None)
         self._length = 0
         self.seen = 0
         self.slots_remapped = False
@@ -364,7 +349,6 @@ class StaticLayer(CacheLayer):
                 raise KVCacheError(f"StaticLayer {name} must be an integer >= 1, got {v!r}")
         self.capacity = capacity
         self.pin_memory = pin_memory  # page-locked host buffers (offload: asynchronous copies)
-        self._use = _Use()
         self._allocate(batch_size, num_kv_heads, head_dim, head_dim, dtype, torch.device(device or "cpu"))
         super().__init__()  # sets seen = 0 through the property below
 
@@ -568,7 +552,7 @@ class StaticLayer(CacheLayer):
         self._pos[:, :, length:].fill_(-1)
 
     def memory(self) -> MemoryUse:
-        return self._use.of(self._keys, self._values, self._pos)
+        return _memory(self._keys, self._values, self._pos)
 
     def reset(self) -> None:
         # Stale K/V need no zeroing: their positions are -1, so every mask hides them.
@@ -685,20 +669,6 @@ def _fill_holes(idx: torch.Tensor, held: int) -> tuple[torch.Tensor, tuple[torch
     return order, (hb, hh, ht), src
 
 
-class _Use:
-    """Bytes of a store's tensors resident where attention reads them (the compute device, CPU included),
-    computed again only when the tensors are not those of the last call: the decode loop asks after every
-    forward, and buffers are replaced only when they grow."""
-
-    def __init__(self) -> None:
-        # weak references: a replaced buffer must be freed, not kept alive for this count
-        self._of: tuple[weakref.ref[torch.Tensor] | None, ...] = ()
-        self._use = MemoryUse()
-
-    def of(self, *tensors: torch.Tensor | None) -> MemoryUse:
-        last = self._of
-        if len(last) != len(tensors) or any((t is None) != (r is None) or (r is not None and r() is not t)
-                                            for r, t in zip(last, tensors, strict=True)):
-            self._use = MemoryUse(device=sum(t.nbytes for t in tensors if t is not None))
-            self._of = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        return self._use
+def _memory(*tensors: torch.Tensor | None) -> MemoryUse:
+    """Bytes of tensors resident where attention reads them (the compute device, CPU included)."""
+    return MemoryUse(device=sum(t.nbytes for t in tensors if t is not None))

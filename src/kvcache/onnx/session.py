@@ -245,7 +245,6 @@ class DecoderSession:
         self._scratch: dict[str, np.ndarray] = {}
         self._binding: ort.IOBinding | None = None
         self._bound: dict[str, torch.Tensor] = {}  # cache input -> the buffer bound to it (kept alive)
-        self._feeds: dict[str, np.ndarray] = {}  # small input -> the buffer bound to it (run_in_place)
         self._bound_logits: torch.Tensor | None = None  # a caller's logits buffer bound now (kept alive)
         self._np_dtype = np.dtype(torch.empty(0, dtype=self.signature.dtype).numpy().dtype)
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == names.LOGITS)
@@ -351,15 +350,6 @@ class DecoderSession:
         attn_logits = outputs[first : first + n] if logits_of_attention else None
         return StepOutput(logits=outputs[0], presents=presents, attn_scores=scores, attn_logits=attn_logits)
 
-    def _feed(self, binding: ort.IOBinding, name: str, tensor: torch.Tensor) -> None:
-        """Copy a small int64 input into a buffer of its shape kept bound to ``name`` (bound anew only when
-        the shape changes: a decode loop's ``(B, 1)`` inputs are bound once)."""
-        held = self._feeds.get(name)
-        if held is None or held.shape != tuple(tensor.shape):
-            held = self._feeds[name] = np.empty(tuple(tensor.shape), np.int64)
-            binding.bind_input(name, "cpu", 0, np.int64, held.shape, held.ctypes.data)
-        np.copyto(held, _as_numpy(tensor))
-
     def _bind_buffers(self, binding: ort.IOBinding, layer: int, key: torch.Tensor,
                       value: torch.Tensor) -> None:
         """Bind a layer's buffers as its past and present (the tensors are kept, so their memory stays)."""
@@ -424,13 +414,13 @@ class DecoderSession:
             binding = self._binding = self.session.io_binding()
             # bound first, so it is the first output
             binding.bind_output(names.LOGITS, "cpu")
-        binding.bind_cpu_input(names.ATTENTION_MASK, attention_mask if isinstance(attention_mask, np.ndarray)
-                               else _as_numpy(attention_mask))
-        self._feed(binding, names.INPUT_IDS, input_ids)
+        feeds = [(names.INPUT_IDS, input_ids), (names.ATTENTION_MASK, attention_mask)]
         if sig.has_position_ids:
             if position_ids is None:
                 raise KVCacheError("this graph takes position_ids; pass them")
-            self._feed(binding, names.POSITION_IDS, position_ids)
+            feeds.append((names.POSITION_IDS, position_ids))
+        for name, tensor in feeds:  # small: ORT copies them
+            binding.bind_cpu_input(name, tensor if isinstance(tensor, np.ndarray) else _as_numpy(tensor))
         bound = self._bound
         for i, (k, v) in enumerate(buffers):
             if bound.get(names.past_key(i)) is not k or bound.get(names.past_value(i)) is not v:
